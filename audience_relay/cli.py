@@ -1,0 +1,120 @@
+"""``audience-relay``: one command, a subcommand per component.
+
+Settings come from the environment (see README); each subcommand loads them once and passes them on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from audience_relay import logs
+from audience_relay.localkafka import LocalKafka, LocalKafkaError, fetch_jars
+from audience_relay.settings import Settings
+
+log = logging.getLogger("audience_relay")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except SettingsError as exc:
+        raise SystemExit(f"invalid settings: {exc}: {exc.__cause__}") from None
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise SystemExit("invalid settings:\n" + "\n".join(lines)) from None
+
+
+def _local_kafka(settings: Settings) -> LocalKafka:
+    return LocalKafka(settings.local_dir, port=settings.local_kafka_port)
+
+
+def cmd_ingress(args: argparse.Namespace, settings: Settings) -> int:
+    from ingress.app import run
+
+    run(settings, insecure=args.insecure)
+    return 0
+
+
+def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
+    from audience_relay.topics import create_topics
+
+    for r in asyncio.run(create_topics(settings)):
+        print(f"{r.name:40s} partitions={r.partitions:<4d} {'created' if r.created else 'exists'}")
+    return 0
+
+
+def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    broker = _local_kafka(settings)
+    try:
+        if args.action == "fetch":
+            print(f"kafka jars in {fetch_jars(settings.local_dir, quiet=False)}")
+        elif args.action == "start":
+            print(f"kafka running at {broker.start()} (log: {broker.log_file})")
+        elif args.action == "stop":
+            print("kafka stopped" if broker.stop() else "kafka was not running")
+        elif args.action == "status":
+            running = broker.running()
+            print(f"kafka {'running at ' + broker.bootstrap if running else 'not running'}")
+            return 0 if running else 3
+        elif args.action == "wipe":
+            broker.wipe()
+            print(f"removed {broker.home}")
+    except LocalKafkaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from audience_relay.up import run_up
+
+    return run_up(settings, samples=args.samples, keep_running=not args.demo, keep_broker=args.keep_broker)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audience-relay", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingress", help="serve the Lytics webhook endpoint")
+    p.add_argument(
+        "--insecure", action="store_true", help="accept requests without credentials (local use only)"
+    )
+    p.set_defaults(func=cmd_ingress)
+
+    topics = sub.add_parser("topics", help="manage the Kafka topics").add_subparsers(
+        dest="action", required=True
+    )
+    p = topics.add_parser("create", help="create every topic of the design (idempotent)")
+    p.set_defaults(func=cmd_topics_create)
+
+    p = sub.add_parser("kafka", help="a local single-node Apache Kafka from Maven Central jars")
+    p.add_argument("action", choices=["fetch", "start", "stop", "status", "wipe"])
+    p.set_defaults(func=cmd_kafka)
+
+    p = sub.add_parser(
+        "up", help="run everything locally: broker, topics, ingress, and post the sample payloads"
+    )
+    p.add_argument("--samples", default="fixtures/samples", help="folder of sample payloads to post")
+    p.add_argument("--demo", action="store_true", help="post the samples, show what landed, stop")
+    p.add_argument("--keep-broker", action="store_true", help="leave the local broker running at the end")
+    p.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``audience-relay`` command."""
+    args = build_parser().parse_args(argv)
+    settings = _settings()
+    logs.configure(settings.log_level)
+    return int(args.func(args, settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The one typed settings model every component of audience-relay reads.
+
+Loaded once at start-up (``Settings()`` reads the environment) and passed down; nothing else in the
+code base reads environment variables. Secrets are ``SecretStr`` so that printing or logging a
+settings object never shows them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def _split_csv(value: Any) -> Any:
+    """Accept ``a,b,c`` from the environment as well as real lists from code."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class SourceAuth(BaseSettings):
+    """Credentials of one configured Lytics job (``/v1/lytics/{source}``)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    #: ``client_id -> client_secret`` pairs allowed to fetch OAuth tokens for this source.
+    oauth_clients: dict[str, SecretStr] = Field(default_factory=dict)
+
+
+class Settings(BaseSettings):
+    """Every setting an operator can change, with its environment variable."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    # --- Kafka ------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field(
+        "localhost:9092", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers")
+    )
+    topic_prefix: str = Field(
+        "lytics",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        validation_alias=AliasChoices("RELAY_TOPIC_PREFIX", "topic_prefix"),
+    )
+    partitions: int = Field(
+        8, ge=1, le=10_000, validation_alias=AliasChoices("RELAY_PARTITIONS", "partitions")
+    )
+    replication_factor: int = Field(
+        1, ge=1, validation_alias=AliasChoices("RELAY_REPLICATION_FACTOR", "replication_factor")
+    )
+    raw_retention_hours: int = Field(
+        168, ge=1, validation_alias=AliasChoices("RELAY_RAW_RETENTION_HOURS", "raw_retention_hours")
+    )
+    dead_letter_retention_hours: int = Field(
+        720,
+        ge=1,
+        validation_alias=AliasChoices("RELAY_DEAD_LETTER_RETENTION_HOURS", "dead_letter_retention_hours"),
+    )
+
+    # --- Ingress ----------------------------------------------------------------------------
+    ingress_host: str = Field("0.0.0.0", validation_alias=AliasChoices("RELAY_INGRESS_HOST", "ingress_host"))
+    ingress_port: int = Field(
+        8080, ge=0, le=65535, validation_alias=AliasChoices("RELAY_INGRESS_PORT", "ingress_port")
+    )
+    ingress_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("RELAY_INGRESS_API_KEYS", "ingress_api_keys")
+    )
+    ingress_query_param: str = Field(
+        "api_key", validation_alias=AliasChoices("RELAY_INGRESS_QUERY_PARAM", "ingress_query_param")
+    )
+    #: ``client_id:secret,client_id2:secret2`` allowed to use the OAuth token endpoint (any source).
+    oauth_clients: Annotated[dict[str, SecretStr], NoDecode] = Field(
+        default_factory=dict, validation_alias=AliasChoices("RELAY_OAUTH_CLIENTS", "oauth_clients")
+    )
+    oauth_signing_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("RELAY_OAUTH_SIGNING_KEY", "oauth_signing_key")
+    )
+    oauth_token_ttl_seconds: int = Field(
+        3600,
+        ge=60,
+        le=86_400,
+        validation_alias=AliasChoices("RELAY_OAUTH_TOKEN_TTL_SECONDS", "oauth_token_ttl_seconds"),
+    )
+    #: JSON object ``{"source": {"api_keys": [...], "oauth_clients": {...}}}`` for ``/v1/lytics/{source}``.
+    sources: Annotated[dict[str, SourceAuth], NoDecode] = Field(
+        default_factory=dict, validation_alias=AliasChoices("RELAY_SOURCES", "sources")
+    )
+    max_body_bytes: int = Field(
+        10 * MiB, ge=1024, validation_alias=AliasChoices("RELAY_MAX_BODY_BYTES", "max_body_bytes")
+    )
+    max_inflight_bytes: int = Field(
+        128 * MiB, ge=1024, validation_alias=AliasChoices("RELAY_MAX_INFLIGHT_BYTES", "max_inflight_bytes")
+    )
+    produce_timeout_seconds: float = Field(
+        5.0, gt=0, validation_alias=AliasChoices("RELAY_PRODUCE_TIMEOUT_SECONDS", "produce_timeout_seconds")
+    )
+    retry_after_seconds: int = Field(
+        5, ge=1, validation_alias=AliasChoices("RELAY_RETRY_AFTER_SECONDS", "retry_after_seconds")
+    )
+    producer_linger_ms: int = Field(
+        2, ge=0, validation_alias=AliasChoices("RELAY_PRODUCER_LINGER_MS", "producer_linger_ms")
+    )
+
+    # --- Processors -------------------------------------------------------------------------
+    match_field: str = Field(
+        "email", min_length=1, validation_alias=AliasChoices("RELAY_MATCH_FIELD", "match_field")
+    )
+
+    # --- Operations -------------------------------------------------------------------------
+    log_level: str = Field("INFO", validation_alias=AliasChoices("RELAY_LOG_LEVEL", "log_level"))
+    local_dir: Path = Field(Path(".local"), validation_alias=AliasChoices("RELAY_LOCAL_DIR", "local_dir"))
+    local_kafka_port: int = Field(
+        9092, ge=1, le=65535, validation_alias=AliasChoices("RELAY_LOCAL_KAFKA_PORT", "local_kafka_port")
+    )
+
+    @field_validator("ingress_api_keys", mode="before")
+    @classmethod
+    def _keys_from_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("oauth_clients", mode="before")
+    @classmethod
+    def _clients_from_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            pairs: dict[str, str] = {}
+            for item in _split_csv(value):
+                client_id, sep, secret = item.partition(":")
+                if not sep or not client_id or not secret:
+                    raise ValueError(
+                        "RELAY_OAUTH_CLIENTS must be 'client_id:secret' pairs separated by commas"
+                    )
+                pairs[client_id] = secret
+            return pairs
+        return value
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str | bytes):
+            try:
+                return orjson.loads(value) if value else {}
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"RELAY_SOURCES must be a JSON object: {exc}") from exc
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("RELAY_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @model_validator(mode="after")
+    def _source_names(self) -> Settings:
+        for name in self.sources:
+            if not name or not all(c.isalnum() or c in "-_." for c in name):
+                raise ValueError(f"source name {name!r} may only hold letters, digits, '-', '_' and '.'")
+        return self
+
+    def has_credentials(self) -> bool:
+        """True when at least one way to authenticate is configured."""
+        return bool(
+            self.ingress_api_keys
+            or self.oauth_clients
+            or any(s.api_keys or s.oauth_clients for s in self.sources.values())
+        )

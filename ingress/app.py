@@ -1,0 +1,315 @@
+"""The ingress: Lytics webhook bodies in, Kafka records out, 200 only once the broker acknowledged.
+
+Route → handler → ``Publisher.send``. The handler reads no more of a request than it must: it
+authenticates from the headers, refuses an oversized body from its Content-Length before reading it,
+checks that the body is a JSON object or array of objects, and produces the *unchanged* bytes to
+``<prefix>.webhooks.raw`` with the receipt metadata in Kafka headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from audience_relay.settings import Settings
+from audience_relay.topics import TopicNames
+from ingress import metrics
+from ingress.auth import DEFAULT_SOURCE, Authenticator
+from ingress.publisher import BrokerUnavailable, Headers, Publisher
+from ingress.validation import body_problem
+
+log = logging.getLogger("ingress")
+
+SETTINGS = web.AppKey("settings", Settings)
+TOPICS = web.AppKey("topics", TopicNames)
+AUTH = web.AppKey("auth", Authenticator)
+PUBLISHER = web.AppKey("publisher", Publisher)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class InflightBudget:
+    """Caps the bytes read from clients but not yet acknowledged by Kafka (backpressure → 429)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def try_acquire(self, n: int) -> bool:
+        # One request larger than the whole budget may still pass alone, or it could never pass.
+        if self.used and self.used + n > self.limit:
+            return False
+        self.used += n
+        metrics.INFLIGHT_BYTES.set(self.used)
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        metrics.INFLIGHT_BYTES.set(self.used)
+
+
+BUDGET = web.AppKey("budget", InflightBudget)
+
+
+def _error(
+    status: int, error: str, detail: str, request_id: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": error, "detail": detail, "request_id": request_id}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def record_headers(
+    *, source: str, request_id: str, content_type: str, received_at: datetime, auth_method: str
+) -> Headers:
+    """Kafka headers carried with every raw (and ingress dead-letter) record."""
+    return [
+        ("received-at", received_at.isoformat(timespec="microseconds").replace("+00:00", "Z").encode()),
+        ("source", source.encode()),
+        ("content-type", content_type.encode()),
+        ("request-id", request_id.encode()),
+        ("auth", auth_method.encode()),
+    ]
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    """``POST /v1/lytics[/{source}]``: store one Lytics webhook body in Kafka."""
+    started = time.perf_counter()
+    source = request.match_info.get("source", DEFAULT_SOURCE)
+    response = await _receive(request, source)
+    route = "/v1/lytics/{source}" if "source" in request.match_info else "/v1/lytics"
+    metrics.REQUESTS.labels(route, str(response.status), source).inc()
+    metrics.LATENCY.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+async def _receive(request: web.Request, source: str) -> web.Response:
+    app = request.app
+    settings, auth, publisher, topics = app[SETTINGS], app[AUTH], app[PUBLISHER], app[TOPICS]
+    request_id = _request_id(request)
+    retry_after = {"Retry-After": str(settings.retry_after_seconds)}
+
+    if not auth.knows_source(source):
+        return _error(404, "unknown_source", f"no Lytics source named {source!r} is configured", request_id)
+    principal = auth.authenticate(source, request.headers, request.query)
+    if principal is None:
+        log.info(
+            "unauthenticated request",
+            extra={"request_id": request_id, "source": source, "peer": request.remote},
+        )
+        return _error(
+            401, "unauthorized", "missing or invalid credentials", request_id, {"WWW-Authenticate": "Bearer"}
+        )
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return _error(
+            415, "unsupported_encoding", "send the body uncompressed (no Content-Encoding)", request_id
+        )
+
+    declared = request.content_length
+    if declared is not None and declared > settings.max_body_bytes:
+        log.warning(
+            "body over the size limit",
+            extra={
+                "request_id": request_id,
+                "source": source,
+                "bytes": declared,
+                "limit": settings.max_body_bytes,
+            },
+        )
+        return _error(
+            413,
+            "body_too_large",
+            f"{declared} bytes is over the limit of {settings.max_body_bytes}",
+            request_id,
+        )
+
+    budget = app[BUDGET]
+    reserved = declared or 0
+    if not budget.try_acquire(reserved):
+        return _error(429, "busy", "too many bytes in flight; retry later", request_id, retry_after)
+    try:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            log.warning(
+                "body over the size limit",
+                extra={"request_id": request_id, "source": source, "limit": settings.max_body_bytes},
+            )
+            return _error(
+                413, "body_too_large", f"the body is over the limit of {settings.max_body_bytes}", request_id
+            )
+        if declared is None:
+            reserved = len(body)
+            if not budget.try_acquire(reserved):
+                reserved = 0
+                return _error(429, "busy", "too many bytes in flight; retry later", request_id, retry_after)
+
+        received_at = datetime.now(UTC)
+        content_type = request.headers.get("Content-Type", "")
+        headers = record_headers(
+            source=source,
+            request_id=request_id,
+            content_type=content_type,
+            received_at=received_at,
+            auth_method=principal.method,
+        )
+        problem = body_problem(body)
+        topic = topics.dead_letter if problem else topics.raw
+        if problem:
+            headers += [("reason", problem.encode()), ("stage", b"ingress")]
+        try:
+            await publisher.send(topic, body, headers)
+        except BrokerUnavailable as exc:
+            metrics.PRODUCER_ERRORS.labels(topic).inc()
+            log.warning(
+                "kafka did not acknowledge; answering 503",
+                extra={"request_id": request_id, "source": source, "topic": topic, "error": str(exc)},
+            )
+            return _error(
+                503, "unavailable", "the event log is unavailable; retry later", request_id, retry_after
+            )
+        if problem:
+            log.info(
+                "bad body dead-lettered",
+                extra={"request_id": request_id, "source": source, "reason": problem},
+            )
+            return _error(400, "bad_body", problem, request_id)
+        metrics.BODY_BYTES.observe(len(body))
+        return web.Response(
+            body=orjson.dumps({"status": "stored", "request_id": request_id}),
+            content_type="application/json",
+            headers={"X-Request-Id": request_id},
+        )
+    finally:
+        budget.release(reserved)
+
+
+async def issue_token(request: web.Request) -> web.Response:
+    """``POST /oauth/token``: OAuth 2.0 client-credentials grant (RFC 6749 §4.4)."""
+    auth = request.app[AUTH]
+    form: dict[str, Any] = {}
+    if request.content_type == "application/json":
+        try:
+            loaded = orjson.loads(await request.read())
+            form = loaded if isinstance(loaded, dict) else {}
+        except orjson.JSONDecodeError:
+            form = {}
+    else:
+        form = dict(await request.post())
+    client_id, client_secret = str(form.get("client_id", "")), str(form.get("client_secret", ""))
+    basic = request.headers.get("Authorization", "")
+    if basic.lower().startswith("basic "):
+        try:
+            decoded = base64.b64decode(basic[6:].strip(), validate=True).decode()
+            cid, _, secret = decoded.partition(":")
+            client_id, client_secret = unquote(cid), unquote(secret)
+        except (binascii.Error, UnicodeDecodeError):
+            pass
+    if form.get("grant_type") != "client_credentials":
+        return web.json_response({"error": "unsupported_grant_type"}, status=400, dumps=_dumps)
+    token = auth.issue_token(client_id, client_secret)
+    if token is None:
+        return web.json_response(
+            {"error": "invalid_client"}, status=401, headers={"WWW-Authenticate": "Basic"}, dumps=_dumps
+        )
+    return web.json_response(
+        {"access_token": token.access_token, "token_type": "Bearer", "expires_in": token.expires_in},
+        headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+        dumps=_dumps,
+    )
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "alive"}, dumps=_dumps)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the producer is connected and the broker answers with the raw topic known."""
+    app = request.app
+    ok = await app[PUBLISHER].ready(app[TOPICS].raw)
+    return web.json_response(
+        {"status": "ready" if ok else "not_ready"}, status=200 if ok else 503, dumps=_dumps
+    )
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:
+    publisher = app[PUBLISHER]
+    await publisher.start()
+    yield
+    await publisher.stop()
+
+
+def build_app(
+    settings: Settings, publisher: Publisher | None = None, *, insecure: bool = False
+) -> web.Application:
+    """The ingress application; its Kafka producer lives as long as the app (``cleanup_ctx``)."""
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[TOPICS] = TopicNames.from_settings(settings)
+    app[AUTH] = Authenticator(settings, allow_anonymous=insecure)
+    app[PUBLISHER] = publisher or Publisher(settings)
+    app[BUDGET] = InflightBudget(settings.max_inflight_bytes)
+    app.cleanup_ctx.append(_publisher_ctx)
+    app.router.add_post("/v1/lytics", receive_webhook)
+    app.router.add_post("/v1/lytics/{source}", receive_webhook)
+    app.router.add_post("/oauth/token", issue_token)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    if app[AUTH].ephemeral_signing_key and (
+        settings.oauth_clients or any(s.oauth_clients for s in settings.sources.values())
+    ):
+        log.warning("RELAY_OAUTH_SIGNING_KEY is not set: OAuth tokens are valid only for this process")
+    return app
+
+
+def run(settings: Settings, *, insecure: bool = False) -> None:
+    """Serve the ingress until SIGINT/SIGTERM; in-flight requests drain and the producer flushes."""
+    if not settings.has_credentials() and not insecure:
+        raise SystemExit(
+            "refusing to start: no credentials configured (set RELAY_INGRESS_API_KEYS, RELAY_OAUTH_CLIENTS "
+            "or RELAY_SOURCES), or pass --insecure to accept unauthenticated requests"
+        )
+    if insecure and not settings.has_credentials():
+        log.warning("running with --insecure: every request is accepted without credentials")
+    app = build_app(settings, insecure=insecure)
+    log.info("ingress listening", extra={"host": settings.ingress_host, "port": settings.ingress_port})
+    web.run_app(
+        app,
+        host=settings.ingress_host,
+        port=settings.ingress_port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=30.0,
+        handle_signals=True,
+    )

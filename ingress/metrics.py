@@ -1,0 +1,22 @@
+"""Prometheus metrics of the ingress."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("relay_ingress_requests_total", "Webhook requests answered", ["route", "status", "source"])
+BODY_BYTES = Histogram(
+    "relay_ingress_body_bytes",
+    "Size of accepted request bodies",
+    buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216),
+)
+LATENCY = Histogram(
+    "relay_ingress_request_seconds",
+    "Time from request start to answer",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+INFLIGHT_BYTES = Gauge(
+    "relay_ingress_inflight_bytes", "Bytes of bodies read but not yet acknowledged by Kafka"
+)
+PRODUCER_ERRORS = Counter(
+    "relay_ingress_producer_errors_total", "Records Kafka did not acknowledge", ["topic"]
+)
