@@ -42,6 +42,21 @@ def cmd_ingress(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from processors.worker import run_worker
+
+    run_worker(settings)
+    return 0
+
+
+def cmd_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
+    from schemas.export import export
+
+    for path in export(args.dir):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
     from audience_relay.topics import create_topics
 
@@ -87,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure", action="store_true", help="accept requests without credentials (local use only)"
     )
     p.set_defaults(func=cmd_ingress)
+
+    p = sub.add_parser("worker", help="run the processors (split + membership); scale by adding workers")
+    p.set_defaults(func=cmd_worker)
+
+    schemas = sub.add_parser("schemas", help="published record schemas").add_subparsers(dest="action", required=True)
+    p = schemas.add_parser("export", help="write the JSON Schema of every published record")
+    p.add_argument("dir", help="folder to write into")
+    p.set_defaults(func=cmd_schemas_export)
 
     topics = sub.add_parser("topics", help="manage the Kafka topics").add_subparsers(
         dest="action", required=True

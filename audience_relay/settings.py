@@ -8,7 +8,7 @@ settings object never shows them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -110,6 +110,22 @@ class Settings(BaseSettings):
     # --- Processors -------------------------------------------------------------------------
     match_field: str = Field(
         "email", min_length=1, validation_alias=AliasChoices("RELAY_MATCH_FIELD", "match_field")
+    )
+
+    table_store: Literal["rocksdb", "memory"] = Field(
+        "rocksdb", validation_alias=AliasChoices("RELAY_TABLE_STORE", "table_store")
+    )
+    worker_data_dir: Path = Field(
+        Path(".local/worker"), validation_alias=AliasChoices("RELAY_WORKER_DATA_DIR", "worker_data_dir")
+    )
+    worker_web_host: str = Field("0.0.0.0", validation_alias=AliasChoices("RELAY_WORKER_WEB_HOST", "worker_web_host"))
+    worker_web_port: int = Field(
+        6066, ge=0, le=65535, validation_alias=AliasChoices("RELAY_WORKER_WEB_PORT", "worker_web_port")
+    )
+    standby_replicas: int = Field(1, ge=0, validation_alias=AliasChoices("RELAY_STANDBY_REPLICAS", "standby_replicas"))
+    processor_batch: int = Field(1000, ge=1, validation_alias=AliasChoices("RELAY_PROCESSOR_BATCH", "processor_batch"))
+    processor_batch_ms: int = Field(
+        50, ge=1, validation_alias=AliasChoices("RELAY_PROCESSOR_BATCH_MS", "processor_batch_ms")
     )
 
     # --- Operations -------------------------------------------------------------------------

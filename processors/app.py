@@ -1,0 +1,189 @@
+"""The faust application: topics, the membership table and the two agents.
+
+    <prefix>.webhooks.raw ─▶ split ─▶ <prefix>.segment-events ─▶ membership ─▶ <prefix>.membership-changes
+                              └─▶ <prefix>.dead-letter         (table)   └─▶ <prefix>.membership
+
+Both agents run with ``concurrency=1`` (faust #606: with more, an offset can be committed past a
+message still in flight) and get their speed from partitions and from batches (``take_events``).
+
+Crash safety (at-least-once + re-emission): for each batch the membership agent first sends every
+change and waits for the broker's acknowledgement, and only then writes the table. Faust flushes the
+producer before it commits offsets. So after a crash, either a key's table write survived — and then
+its change was acknowledged before it — or it did not, and replaying the uncommitted events computes
+the same flip again and emits it with the same deterministic change id. Changes are never lost; a
+crash can only repeat one, with the same id, which receivers drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import orjson
+from faust.types import EventT, StreamT
+
+from audience_relay.settings import Settings
+from audience_relay.topics import TopicNames
+from processors import metrics
+from processors.membership import apply_event
+from processors.split import Context, split_body
+
+log = logging.getLogger("processors")
+
+
+def _headers(event: EventT) -> dict[str, bytes]:
+    raw = event.message.headers
+    items = raw.items() if isinstance(raw, Mapping) else (raw or [])
+    return {k: (v if isinstance(v, bytes) else str(v).encode()) for k, v in items}
+
+
+def _received_at(headers: Mapping[str, bytes], fallback_ms: float | None) -> datetime:
+    text = headers.get("received-at", b"").decode(errors="replace")
+    if text:
+        try:
+            return datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+    return datetime.fromtimestamp((fallback_ms or time.time() * 1000) / 1000, UTC)
+
+
+def _json(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def create_app(settings: Settings) -> faust.App:
+    """The processors' faust app for ``settings`` (one per worker process)."""
+    names = TopicNames.from_settings(settings)
+    app = faust.App(
+        f"{settings.topic_prefix}-processors",
+        broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
+        store="rocksdb://" if settings.table_store == "rocksdb" else "memory://",
+        datadir=str(settings.worker_data_dir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        table_standby_replicas=settings.standby_replicas,
+        processing_guarantee="at_least_once",
+        consumer_auto_offset_reset="earliest",
+        consumer_max_fetch_size=settings.max_body_bytes + 1024 * 1024,
+        producer_max_request_size=settings.max_body_bytes + 1024 * 1024,
+        producer_linger=0.005,
+        producer_max_batch_size=256 * 1024,
+        web_host=settings.worker_web_host,
+        web_port=settings.worker_web_port,
+        web_bind=settings.worker_web_host,
+        web_in_thread=False,
+    )
+    raw_topic = app.topic(names.raw, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    segments = app.topic(
+        names.segment_events, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+    dead_letter = app.topic(names.dead_letter, key_serializer="raw", value_serializer="raw")
+    changes = app.topic(names.membership_changes, key_serializer="raw", value_serializer="raw")
+    current = app.topic(names.membership, key_serializer="raw", value_serializer="raw")
+    table = app.Table(
+        "membership",
+        default=None,
+        schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="json"),
+        partitions=settings.partitions,
+        help="identifier -> {audience id -> membership state}",
+    )
+    batch, within = settings.processor_batch, settings.processor_batch_ms / 1000
+
+    @app.agent(raw_topic, name="split", concurrency=1)
+    async def split(stream: StreamT[bytes]) -> None:
+        async for events in stream.take_events(max(1, batch // 100), within=within):
+            pending: list[Awaitable[Any]] = []
+            for event in events:
+                headers = _headers(event)
+                message = event.message
+                ctx = Context(
+                    source=headers.get("source", b"unknown").decode(errors="replace"),
+                    request_id=headers.get("request-id", b"").decode(errors="replace")
+                    or f"{message.topic}:{message.partition}:{message.offset}",
+                    received_at=_received_at(headers, message.timestamp * 1000 if message.timestamp else None),
+                    match_field=settings.match_field,
+                )
+                body = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+                result = split_body(body, ctx)
+                metrics.EVENTS_IN.labels("split").inc()
+                for seg in result.events:
+                    pending.append(await segments.send(key=seg["identifier"].encode(), value=_json(seg)))
+                metrics.EVENTS_OUT.inc(len(result.events))
+                for rej in result.rejected:
+                    dl_headers = [
+                        ("reason-code", rej.code.encode()),
+                        ("reason", rej.reason.encode()),
+                        ("stage", b"split"),
+                        ("source", ctx.source.encode()),
+                        ("request-id", ctx.request_id.encode()),
+                        ("raw-topic", message.topic.encode()),
+                        ("raw-partition", str(message.partition).encode()),
+                        ("raw-offset", str(message.offset).encode()),
+                    ]
+                    if rej.index is not None:
+                        dl_headers.append(("element-index", str(rej.index).encode()))
+                    pending.append(await dead_letter.send(value=rej.record, headers=dl_headers))
+                    metrics.DEAD_LETTERED.labels(rej.code).inc()
+                    log.info(
+                        "record dead-lettered",
+                        extra={"reason_code": rej.code, "reason": rej.reason, "request_id": ctx.request_id},
+                    )
+            await asyncio.gather(*pending)
+
+    @app.agent(segments, name="membership", concurrency=1)
+    async def membership(stream: StreamT[bytes]) -> None:
+        async for events in stream.take_events(batch, within=within):
+            staged: dict[str, tuple[Any, EventT]] = {}
+            outputs: list[dict[str, Any]] = []
+            for event in events:
+                metrics.EVENTS_IN.labels("membership").inc()
+                try:
+                    seg = orjson.loads(event.value)
+                    identifier = seg["identifier"]
+                except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                    await dead_letter.send(
+                        value=event.value,
+                        headers=[("reason-code", b"bad_segment_event"), ("reason", str(exc).encode()),
+                                 ("stage", b"membership")],
+                    )
+                    metrics.DEAD_LETTERED.labels("bad_segment_event").inc()
+                    continue
+                if identifier in staged:
+                    value = staged[identifier][0]
+                else:
+                    # The store reads the partition of the "current event": with a batch, say which.
+                    stream._set_current_event(event)
+                    value = table.get(identifier)
+                new_value, emitted = apply_event(value, seg)
+                if new_value is not None:
+                    staged[identifier] = (new_value, event)
+                outputs.extend(emitted)
+            # Changes first, acknowledged; the table only after (see the module docstring).
+            pending: list[Awaitable[Any]] = []
+            now = time.time()
+            for record in outputs:
+                key = record["identifier"].encode()
+                if "change_id" in record:
+                    pending.append(await changes.send(key=key, value=_json(record),
+                                                      headers=[("change-id", record["change_id"].encode())]))
+                    metrics.CHANGES.labels(record["change"]).inc()
+                else:
+                    state_key = key + b"\x1f" + record["audience_id"].encode()
+                    pending.append(await current.send(key=state_key, value=_json(record)))
+            if pending:
+                await asyncio.gather(*pending)
+            for identifier, (value, event) in staged.items():
+                stream._set_current_event(event)
+                table[identifier] = value
+            for event in events:
+                ts = event.message.timestamp
+                if ts:
+                    metrics.LATENCY.observe(max(0.0, now - ts))
+
+    app.conf.relay_topics = names  # for tools that need the names from the app
+    return app

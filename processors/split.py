@@ -1,0 +1,239 @@
+"""Split a Lytics webhook body into per-user audience events (pure functions, no I/O).
+
+Every Lytics format is read leniently — customers reshape bodies with templates — and every record
+that cannot be used comes back as a ``Rejected`` with a reason a person can act on:
+
+- default ``{id, data: {..., segment_events: [...]}, meta: {timestamp}}``
+- legacy ``{id, data: {_audience, _audience_action, _audience_friendly, ...}, segment_events, collected}``
+- CloudEvents ``{specversion, id, time, data: {..., segment_events}}`` (structured or batch)
+- field change: ``segment_events[].event == "change"`` (no enter/exit)
+- any of these batched as a JSON array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from schemas.records import SegmentEvent
+
+MAX_IDENTIFIER_BYTES = 256  # Lytics' published limit for a profile identifier
+MAX_IDENTIFIERS = 50  # Lytics' published limit of stitched identifiers
+_EVENTS = {"enter": "enter", "entered": "enter", "exit": "exit", "exited": "exit", "change": "change"}
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A record that goes to the dead-letter topic, with a reason code and a sentence."""
+
+    code: str
+    reason: str
+    index: int | None  # position in a batch, None for a single-object body
+    record: bytes  # the original bytes of a single-object body, or the batch element
+
+
+@dataclass
+class Split:
+    """What one raw body became: segment events (as dicts matching ``SegmentEvent``) and rejects."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the ingress recorded about the request, from the raw record's headers."""
+
+    source: str
+    request_id: str
+    received_at: datetime
+    match_field: str
+
+
+class _Reject(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 string (any fraction digits, ``Z`` or offset) or epoch seconds/ms, as aware UTC."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        seconds = value / 1000 if abs(value) > 1e11 else value
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(value, str) and value:
+        text = value.strip()
+        if "." in text:  # Python keeps at most 6 fraction digits; Lytics sends 9.
+            head, _, rest = text.partition(".")
+            digits = len(rest) - len(rest.lstrip("0123456789"))
+            text = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}" if digits else f"{head}{rest}"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    return None
+
+
+def normalize_identifier(value: str, match_field: str) -> str:
+    """Trim; lower-case e-mail addresses (by field name or by shape)."""
+    text = value.strip()
+    if "@" in text or "email" in match_field.lower():
+        text = text.lower()
+    return text
+
+
+def _identifiers(raw: Any, match_field: str) -> list[str]:
+    export_hint = (
+        f"add '{match_field}' to the Export Fields of the Lytics webhook job, "
+        "or set RELAY_MATCH_FIELD to a field the job exports"
+    )
+    if raw is None or raw == "" or raw == []:
+        raise _Reject("missing_identifier", f"the record has no '{match_field}' in its data: {export_hint}")
+    values = raw if isinstance(raw, list) else [raw]
+    out: list[str] = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise _Reject(
+                "bad_identifier",
+                f"'{match_field}' holds a {type(value).__name__}, expected a string, a number or a list of them",
+            )
+        ident = normalize_identifier(str(value), match_field)
+        if not ident:
+            continue
+        if len(ident.encode()) > MAX_IDENTIFIER_BYTES:
+            raise _Reject(
+                "identifier_too_long",
+                f"a '{match_field}' value is {len(ident.encode())} bytes; Lytics' limit is {MAX_IDENTIFIER_BYTES}",
+            )
+        if ident not in out:
+            out.append(ident)
+    if not out:
+        raise _Reject("missing_identifier", f"'{match_field}' is empty in the record's data: {export_hint}")
+    if len(out) > MAX_IDENTIFIERS:
+        raise _Reject(
+            "too_many_identifiers",
+            f"'{match_field}' holds {len(out)} identifiers; Lytics stitches at most {MAX_IDENTIFIERS}",
+        )
+    return out
+
+
+def _segment_events(record: dict[str, Any], data: dict[str, Any]) -> list[Any]:
+    for holder in (data, record):
+        found = holder.get("segment_events")
+        if isinstance(found, list) and found:
+            return found
+    audience = data.get("_audience", record.get("_audience"))
+    if audience:  # legacy format without segment_events
+        action = data.get("_audience_action", record.get("_audience_action"))
+        slug = data.get("_audience_friendly", record.get("_audience_friendly"))
+        return [{"id": audience, "event": action, "slug": slug}]
+    raise _Reject(
+        "no_audience",
+        "the record has no segment_events (nor a legacy _audience): add segment_events to the Export Fields "
+        "of the Lytics webhook job",
+    )
+
+
+def _fallback_time(record: dict[str, Any], received_at: datetime) -> tuple[datetime, str]:
+    meta = record.get("meta")
+    if isinstance(meta, dict) and (t := parse_time(meta.get("timestamp"))):
+        return t, "meta"
+    if "specversion" in record and (t := parse_time(record.get("time"))):
+        return t, "cloudevent"
+    if t := parse_time(record.get("collected")):
+        return t, "collected"
+    return received_at, "received"
+
+
+def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
+    """The segment events of one Lytics user record; raises ``_Reject`` when it cannot be used."""
+    if not isinstance(record, dict):
+        raise _Reject("not_an_object", f"a Lytics user record is a JSON object, got {type(record).__name__}")
+    data = record.get("data")
+    if not isinstance(data, dict):
+        # A template may flatten the record; then the user fields sit at the top.
+        data = record
+    idents = _identifiers(data.get(ctx.match_field, record.get(ctx.match_field)), ctx.match_field)
+    raw_events = _segment_events(record, data)
+    fallback, fallback_source = _fallback_time(record, ctx.received_at)
+    user_id = record.get("id")
+    lytics_user_id = str(user_id) if isinstance(user_id, str | int) and not isinstance(user_id, bool) else None
+    fields: dict[str, Any] | None = None
+    parsed: list[tuple[str, str | None, str, datetime, str]] = []
+    for position, se in enumerate(raw_events):
+        if not isinstance(se, dict):
+            raise _Reject("bad_segment_event", f"segment_events[{position}] is not an object")
+        kind = _EVENTS.get(str(se.get("event", "")).strip().lower())
+        if kind is None:
+            raise _Reject(
+                "bad_segment_event",
+                f"segment_events[{position}].event is {se.get('event')!r}; expected enter, exit or change",
+            )
+        audience = se.get("id")
+        if not isinstance(audience, str | int) or isinstance(audience, bool) or not str(audience).strip():
+            raise _Reject("bad_segment_event", f"segment_events[{position}] has no audience id ('id')")
+        slug = se.get("slug")
+        if kind == "change":
+            when, when_source = fallback, fallback_source
+            if fields is None:
+                fields = {k: v for k, v in data.items() if k != "segment_events"}
+        elif kind in se:
+            stamp = parse_time(se[kind])
+            if stamp is None:
+                raise _Reject(
+                    "bad_timestamp", f"segment_events[{position}].{kind} is not a timestamp: {se[kind]!r}"
+                )
+            when, when_source = stamp, "segment_event"
+        else:
+            when, when_source = fallback, fallback_source
+        parsed.append((str(audience).strip(), slug if isinstance(slug, str) else None, kind, when, when_source))
+    for ident in idents:
+        for audience_id, slug, kind, when, when_source in parsed:
+            yield {
+                "schema_version": 1,
+                "event_id": SegmentEvent.make_id(ident, audience_id, kind, when),
+                "identifier": ident,
+                "match_field": ctx.match_field,
+                "audience_id": audience_id,
+                "audience_slug": slug,
+                "event": kind,
+                "event_time": when,
+                "event_time_source": when_source,
+                "lytics_user_id": lytics_user_id,
+                "source": ctx.source,
+                "request_id": ctx.request_id,
+                "received_at": ctx.received_at,
+                "fields": fields if kind == "change" else None,
+            }
+
+
+def split_body(body: bytes, ctx: Context) -> Split:
+    """Every segment event of a raw webhook body, and every record that had to be rejected."""
+    out = Split()
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        out.rejected.append(Rejected("unparsable", f"the body is not valid JSON: {exc}", None, body))
+        return out
+    batch = isinstance(parsed, list)
+    records = parsed if batch else [parsed]
+    if batch and not records:
+        out.rejected.append(Rejected("empty_batch", "the body is an empty JSON array", None, body))
+    for index, record in enumerate(records):
+        try:
+            out.events.extend(split_record(record, ctx))
+        except _Reject as rej:
+            original = orjson.dumps(record) if batch else body
+            out.rejected.append(Rejected(rej.code, rej.reason, index if batch else None, original))
+    return out
