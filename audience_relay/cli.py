@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run the processors (split + membership); scale by adding workers")
     p.set_defaults(func=cmd_worker)
 
-    schemas = sub.add_parser("schemas", help="published record schemas").add_subparsers(dest="action", required=True)
+    schemas = sub.add_parser("schemas", help="published record schemas").add_subparsers(
+        dest="action", required=True
+    )
     p = schemas.add_parser("export", help="write the JSON Schema of every published record")
     p.add_argument("dir", help="folder to write into")
     p.set_defaults(func=cmd_schemas_export)

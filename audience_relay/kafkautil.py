@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 
@@ -76,3 +76,47 @@ async def read_topic(
                 out.extend(r for r in records if r.offset < ends[tp])
             pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
         return out
+
+
+async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
+    """Records of ``topics`` not yet committed by ``group`` (a partition never committed counts whole)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    lag = 0
+    for topic in topics:
+        async with _consumer(bootstrap) as consumer:
+            parts = await _partitions(bootstrap, topic)
+            if not parts:
+                continue
+            ends = await consumer.end_offsets(parts)
+            starts = await consumer.beginning_offsets(parts)
+        for tp in parts:
+            meta = committed.get(tp)
+            done = meta.offset if meta is not None and meta.offset >= 0 else starts[tp]
+            lag += max(0, ends[tp] - done)
+    return lag
+
+
+async def produce_all(
+    bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]
+) -> None:
+    """Produce ``(key, value, headers)`` records with an idempotent producer and wait for every ack."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=1 << 20,
+        max_request_size=64 << 20,
+    )
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value=v, key=k, headers=h) for k, v, h in records]
+        await producer.flush()
+        for fut in futures:
+            await fut
+    finally:
+        await producer.stop()

@@ -24,6 +24,28 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+def _reveal(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, BaseSettings):
+        return {k: _reveal(v) for k, v in value}
+    if isinstance(value, dict):
+        return {k: _reveal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_reveal(v) for v in value]
+    return value
+
+
+def _env_text(name: str, value: Any) -> str:
+    if name == "sources":
+        return orjson.dumps(_reveal(value)).decode()
+    if name == "oauth_clients":
+        return ",".join(f"{cid}:{secret}" for cid, secret in _reveal(value).items())
+    if isinstance(value, list):
+        return ",".join(str(_reveal(v)) for v in value)
+    return str(_reveal(value))
+
+
 class SourceAuth(BaseSettings):
     """Credentials of one configured Lytics job (``/v1/lytics/{source}``)."""
 
@@ -118,12 +140,18 @@ class Settings(BaseSettings):
     worker_data_dir: Path = Field(
         Path(".local/worker"), validation_alias=AliasChoices("RELAY_WORKER_DATA_DIR", "worker_data_dir")
     )
-    worker_web_host: str = Field("0.0.0.0", validation_alias=AliasChoices("RELAY_WORKER_WEB_HOST", "worker_web_host"))
+    worker_web_host: str = Field(
+        "0.0.0.0", validation_alias=AliasChoices("RELAY_WORKER_WEB_HOST", "worker_web_host")
+    )
     worker_web_port: int = Field(
         6066, ge=0, le=65535, validation_alias=AliasChoices("RELAY_WORKER_WEB_PORT", "worker_web_port")
     )
-    standby_replicas: int = Field(1, ge=0, validation_alias=AliasChoices("RELAY_STANDBY_REPLICAS", "standby_replicas"))
-    processor_batch: int = Field(1000, ge=1, validation_alias=AliasChoices("RELAY_PROCESSOR_BATCH", "processor_batch"))
+    standby_replicas: int = Field(
+        1, ge=0, validation_alias=AliasChoices("RELAY_STANDBY_REPLICAS", "standby_replicas")
+    )
+    processor_batch: int = Field(
+        1000, ge=1, validation_alias=AliasChoices("RELAY_PROCESSOR_BATCH", "processor_batch")
+    )
     processor_batch_ms: int = Field(
         50, ge=1, validation_alias=AliasChoices("RELAY_PROCESSOR_BATCH_MS", "processor_batch_ms")
     )
@@ -179,6 +207,18 @@ class Settings(BaseSettings):
             if not name or not all(c.isalnum() or c in "-_." for c in name):
                 raise ValueError(f"source name {name!r} may only hold letters, digits, '-', '_' and '.'")
         return self
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, for starting another component as a process."""
+        env: dict[str, str] = {}
+        for name, info in type(self).model_fields.items():
+            alias = info.validation_alias
+            var = alias.choices[0] if isinstance(alias, AliasChoices) else name.upper()
+            value = getattr(self, name)
+            if value is None:
+                continue
+            env[str(var)] = _env_text(name, value)
+        return env
 
     def has_credentials(self) -> bool:
         """True when at least one way to authenticate is configured."""

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
 import orjson
+from faust.streams import _current_event  # no public way to name a table write's event
 from faust.types import EventT, StreamT
 
 from audience_relay.settings import Settings
@@ -36,7 +38,7 @@ from processors.split import Context, split_body
 log = logging.getLogger("processors")
 
 
-def _headers(event: EventT) -> dict[str, bytes]:
+def _headers(event: EventT[bytes]) -> dict[str, bytes]:
     raw = event.message.headers
     items = raw.items() if isinstance(raw, Mapping) else (raw or [])
     return {k: (v if isinstance(v, bytes) else str(v).encode()) for k, v in items}
@@ -52,6 +54,17 @@ def _received_at(headers: Mapping[str, bytes], fallback_ms: float | None) -> dat
     return datetime.fromtimestamp((fallback_ms or time.time() * 1000) / 1000, UTC)
 
 
+def _table_context(event: EventT[bytes]) -> None:
+    """Tell the table which event (so which partition) the next read or write belongs to.
+
+    A faust table finds the partition through the ``current_event`` context variable, which a
+    batch from ``take_events`` leaves on the last event. Only the context variable is set: the
+    stream's own ``current_event`` attribute is what its take buffer reads, and changing it
+    there swaps events in the next batch.
+    """
+    _current_event.set(weakref.ref(event))
+
+
 def _json(value: Any) -> bytes:
     return orjson.dumps(value)
 
@@ -59,11 +72,13 @@ def _json(value: Any) -> bytes:
 def create_app(settings: Settings) -> faust.App:
     """The processors' faust app for ``settings`` (one per worker process)."""
     names = TopicNames.from_settings(settings)
+    app_id = f"{settings.topic_prefix}-processors"
     app = faust.App(
-        f"{settings.topic_prefix}-processors",
+        app_id,
         broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
         store="rocksdb://" if settings.table_store == "rocksdb" else "memory://",
-        datadir=str(settings.worker_data_dir),
+        # Tables live under the app id: a worker data dir shared by two prefixes must not mix them.
+        datadir=str(settings.worker_data_dir / app_id),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         table_standby_replicas=settings.standby_replicas,
@@ -78,7 +93,9 @@ def create_app(settings: Settings) -> faust.App:
         web_bind=settings.worker_web_host,
         web_in_thread=False,
     )
-    raw_topic = app.topic(names.raw, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    raw_topic = app.topic(
+        names.raw, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
     segments = app.topic(
         names.segment_events, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
@@ -96,49 +113,54 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(raw_topic, name="split", concurrency=1)
     async def split(stream: StreamT[bytes]) -> None:
-        async for events in stream.take_events(max(1, batch // 100), within=within):
-            pending: list[Awaitable[Any]] = []
-            for event in events:
-                headers = _headers(event)
-                message = event.message
-                ctx = Context(
-                    source=headers.get("source", b"unknown").decode(errors="replace"),
-                    request_id=headers.get("request-id", b"").decode(errors="replace")
-                    or f"{message.topic}:{message.partition}:{message.offset}",
-                    received_at=_received_at(headers, message.timestamp * 1000 if message.timestamp else None),
-                    match_field=settings.match_field,
-                )
-                body = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
-                result = split_body(body, ctx)
-                metrics.EVENTS_IN.labels("split").inc()
-                for seg in result.events:
-                    pending.append(await segments.send(key=seg["identifier"].encode(), value=_json(seg)))
-                metrics.EVENTS_OUT.inc(len(result.events))
-                for rej in result.rejected:
-                    dl_headers = [
-                        ("reason-code", rej.code.encode()),
-                        ("reason", rej.reason.encode()),
-                        ("stage", b"split"),
-                        ("source", ctx.source.encode()),
-                        ("request-id", ctx.request_id.encode()),
-                        ("raw-topic", message.topic.encode()),
-                        ("raw-partition", str(message.partition).encode()),
-                        ("raw-offset", str(message.offset).encode()),
-                    ]
-                    if rej.index is not None:
-                        dl_headers.append(("element-index", str(rej.index).encode()))
-                    pending.append(await dead_letter.send(value=rej.record, headers=dl_headers))
-                    metrics.DEAD_LETTERED.labels(rej.code).inc()
-                    log.info(
-                        "record dead-lettered",
-                        extra={"reason_code": rej.code, "reason": rej.reason, "request_id": ctx.request_id},
-                    )
-            await asyncio.gather(*pending)
+        # One raw record is a whole webhook body (up to hundreds of users): per-record iteration is
+        # cheap here, and it keeps faust's own, best-trodden ack path.
+        async for event in stream.events():
+            await _split_one(event)
+
+    async def _split_one(event: EventT[bytes]) -> None:
+        headers = _headers(event)
+        message = event.message
+        ctx = Context(
+            source=headers.get("source", b"unknown").decode(errors="replace"),
+            request_id=headers.get("request-id", b"").decode(errors="replace")
+            or f"{message.topic}:{message.partition}:{message.offset}",
+            received_at=_received_at(headers, message.timestamp * 1000 if message.timestamp else None),
+            match_field=settings.match_field,
+        )
+        body = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+        result = split_body(body, ctx)
+        metrics.EVENTS_IN.labels("split").inc()
+        pending: list[Awaitable[Any]] = []
+        for seg in result.events:
+            pending.append(await segments.send(key=seg["identifier"].encode(), value=_json(seg)))
+        metrics.EVENTS_OUT.inc(len(result.events))
+        for rej in result.rejected:
+            dl_headers = [
+                ("reason-code", rej.code.encode()),
+                ("reason", rej.reason.encode()),
+                ("stage", b"split"),
+                ("source", ctx.source.encode()),
+                ("request-id", ctx.request_id.encode()),
+                ("raw-topic", message.topic.encode()),
+                ("raw-partition", str(message.partition).encode()),
+                ("raw-offset", str(message.offset).encode()),
+            ]
+            if rej.index is not None:
+                dl_headers.append(("element-index", str(rej.index).encode()))
+            pending.append(await dead_letter.send(value=rej.record, headers=dl_headers))
+            metrics.DEAD_LETTERED.labels(rej.code).inc()
+            log.info(
+                "record dead-lettered",
+                extra={"reason_code": rej.code, "reason": rej.reason, "request_id": ctx.request_id},
+            )
+        # Bound the producer buffer: one body's events are acknowledged before the next body.
+        await asyncio.gather(*pending)
 
     @app.agent(segments, name="membership", concurrency=1)
     async def membership(stream: StreamT[bytes]) -> None:
-        async for events in stream.take_events(batch, within=within):
-            staged: dict[str, tuple[Any, EventT]] = {}
+        async for events in stream.take_events(batch, within=within):  # type: ignore[attr-defined]
+            staged: dict[str, tuple[Any, EventT[bytes]]] = {}
             outputs: list[dict[str, Any]] = []
             for event in events:
                 metrics.EVENTS_IN.labels("membership").inc()
@@ -148,16 +170,18 @@ def create_app(settings: Settings) -> faust.App:
                 except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
                     await dead_letter.send(
                         value=event.value,
-                        headers=[("reason-code", b"bad_segment_event"), ("reason", str(exc).encode()),
-                                 ("stage", b"membership")],
+                        headers=[
+                            ("reason-code", b"bad_segment_event"),
+                            ("reason", str(exc).encode()),
+                            ("stage", b"membership"),
+                        ],
                     )
                     metrics.DEAD_LETTERED.labels("bad_segment_event").inc()
                     continue
                 if identifier in staged:
                     value = staged[identifier][0]
                 else:
-                    # The store reads the partition of the "current event": with a batch, say which.
-                    stream._set_current_event(event)
+                    _table_context(event)
                     value = table.get(identifier)
                 new_value, emitted = apply_event(value, seg)
                 if new_value is not None:
@@ -169,8 +193,13 @@ def create_app(settings: Settings) -> faust.App:
             for record in outputs:
                 key = record["identifier"].encode()
                 if "change_id" in record:
-                    pending.append(await changes.send(key=key, value=_json(record),
-                                                      headers=[("change-id", record["change_id"].encode())]))
+                    pending.append(
+                        await changes.send(
+                            key=key,
+                            value=_json(record),
+                            headers=[("change-id", record["change_id"].encode())],
+                        )
+                    )
                     metrics.CHANGES.labels(record["change"]).inc()
                 else:
                     state_key = key + b"\x1f" + record["audience_id"].encode()
@@ -178,7 +207,7 @@ def create_app(settings: Settings) -> faust.App:
             if pending:
                 await asyncio.gather(*pending)
             for identifier, (value, event) in staged.items():
-                stream._set_current_event(event)
+                _table_context(event)
                 table[identifier] = value
             for event in events:
                 ts = event.message.timestamp

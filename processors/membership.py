@@ -35,7 +35,9 @@ Value = dict[str, Any]
 def to_us(value: datetime | str) -> int:
     """Microseconds since the epoch (UTC)."""
     dt = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return int(dt.timestamp() * 1_000_000) if dt.tzinfo else int(dt.replace(tzinfo=UTC).timestamp() * 1_000_000)
+    return (
+        int(dt.timestamp() * 1_000_000) if dt.tzinfo else int(dt.replace(tzinfo=UTC).timestamp() * 1_000_000)
+    )
 
 
 def from_us(us: int | None) -> str | None:
@@ -62,8 +64,15 @@ def apply_event(value: Value | None, event: dict[str, Any]) -> tuple[Value | Non
     rank = _RANK[kind]
     is_enter = kind == "enter"
     if current is None:
-        entry = [int(is_enter), t_us, rank, event_id, t_us if is_enter else None, t_us if not is_enter else None,
-                 event.get("audience_slug")]
+        entry = [
+            int(is_enter),
+            t_us,
+            rank,
+            event_id,
+            t_us if is_enter else None,
+            t_us if not is_enter else None,
+            event.get("audience_slug"),
+        ]
         flipped = is_enter  # no state means "not a member"
     else:
         if (t_us, rank, event_id) == (current[T_US], current[RANK], current[EVENT_ID]):
@@ -141,7 +150,9 @@ def state_record(identifier: str, audience_id: str, entry: list[Any]) -> dict[st
     }
 
 
-def fold(events: list[dict[str, Any]], value: Value | None = None) -> tuple[Value | None, list[dict[str, Any]]]:
+def fold(
+    events: list[dict[str, Any]], value: Value | None = None
+) -> tuple[Value | None, list[dict[str, Any]]]:
     """Apply ``events`` in order; the final value and every emitted record (for tests and tools)."""
     emitted: list[dict[str, Any]] = []
     for event in events:

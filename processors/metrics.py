@@ -4,7 +4,9 @@ from prometheus_client import Counter, Histogram
 
 EVENTS_IN = Counter("relay_processor_records_in_total", "Records consumed", ["agent"])
 EVENTS_OUT = Counter("relay_processor_segment_events_total", "Segment events emitted by the split agent")
-DEAD_LETTERED = Counter("relay_processor_dead_lettered_total", "Records sent to the dead-letter topic", ["reason"])
+DEAD_LETTERED = Counter(
+    "relay_processor_dead_lettered_total", "Records sent to the dead-letter topic", ["reason"]
+)
 CHANGES = Counter("relay_processor_changes_total", "Membership flips emitted", ["change"])
 LATENCY = Histogram(
     "relay_processor_latency_seconds",

@@ -106,7 +106,7 @@ def _identifiers(raw: Any, match_field: str) -> list[str]:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise _Reject(
                 "bad_identifier",
-                f"'{match_field}' holds a {type(value).__name__}, expected a string, a number or a list of them",
+                f"'{match_field}' holds a {type(value).__name__}; expected a string, a number or a list",
             )
         ident = normalize_identifier(str(value), match_field)
         if not ident:
@@ -114,7 +114,7 @@ def _identifiers(raw: Any, match_field: str) -> list[str]:
         if len(ident.encode()) > MAX_IDENTIFIER_BYTES:
             raise _Reject(
                 "identifier_too_long",
-                f"a '{match_field}' value is {len(ident.encode())} bytes; Lytics' limit is {MAX_IDENTIFIER_BYTES}",
+                f"a '{match_field}' value has {len(ident.encode())} bytes (limit {MAX_IDENTIFIER_BYTES})",
             )
         if ident not in out:
             out.append(ident)
@@ -168,7 +168,9 @@ def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
     raw_events = _segment_events(record, data)
     fallback, fallback_source = _fallback_time(record, ctx.received_at)
     user_id = record.get("id")
-    lytics_user_id = str(user_id) if isinstance(user_id, str | int) and not isinstance(user_id, bool) else None
+    lytics_user_id = (
+        str(user_id) if isinstance(user_id, str | int) and not isinstance(user_id, bool) else None
+    )
     fields: dict[str, Any] | None = None
     parsed: list[tuple[str, str | None, str, datetime, str]] = []
     for position, se in enumerate(raw_events):
@@ -197,7 +199,9 @@ def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
             when, when_source = stamp, "segment_event"
         else:
             when, when_source = fallback, fallback_source
-        parsed.append((str(audience).strip(), slug if isinstance(slug, str) else None, kind, when, when_source))
+        parsed.append(
+            (str(audience).strip(), slug if isinstance(slug, str) else None, kind, when, when_source)
+        )
     for ident in idents:
         for audience_id, slug, kind, when, when_source in parsed:
             yield {

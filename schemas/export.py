@@ -14,8 +14,10 @@ COMMITTED = Path(__file__).resolve().parent / "json"
 def rendered() -> dict[str, bytes]:
     """File name → JSON Schema bytes, for every published record model."""
     return {
-        f"{name}.schema.json": orjson.dumps(model.model_json_schema(mode="serialization"),
-                                            option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+        f"{name}.schema.json": orjson.dumps(
+            model.model_json_schema(mode="serialization"), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+        )
+        + b"\n"
         for name, model in PUBLISHED.items()
     }
 

@@ -30,7 +30,9 @@ class SegmentEvent(_Record):
     """One user's audience event, split out of a Lytics webhook body; keyed by ``identifier``."""
 
     schema_version: Literal[1] = 1
-    event_id: str = Field(description="Content id: identifier + audience + event + event time. Equal for duplicates.")
+    event_id: str = Field(
+        description="Content id: identifier + audience + event + event time. Equal for duplicates."
+    )
     identifier: str = Field(description="Normalized matching identifier (emails trimmed and lower-cased).")
     match_field: str = Field(description="The field of Lytics' data the identifier came from.")
     audience_id: str = Field(description="Lytics audience (segment) id; empty for a field-change event.")
@@ -69,7 +71,9 @@ class MembershipChange(_Record):
     """A real flip of membership (``<prefix>.membership-changes``, keyed by identifier)."""
 
     schema_version: Literal[1] = 1
-    change_id: str = Field(description="Deterministic: identifier + audience + change + causing event. Drop repeats.")
+    change_id: str = Field(
+        description="Deterministic: identifier + audience + change + causing event. Drop repeats."
+    )
     identifier: str
     match_field: str
     audience_id: str
@@ -79,7 +83,9 @@ class MembershipChange(_Record):
     event_time: datetime
     entered_at: datetime | None = None
     exited_at: datetime | None = None
-    seconds_in_audience: float | None = Field(None, description="On exit: exit time minus the newest enter time.")
+    seconds_in_audience: float | None = Field(
+        None, description="On exit: exit time minus the newest enter time."
+    )
     event_id: str
     lytics_user_id: str | None = None
     source: str

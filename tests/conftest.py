@@ -11,7 +11,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,6 +77,20 @@ async def until(predicate: Callable[[], bool], timeout: float = 30.0, what: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def until_async(
+    predicate: Callable[[], Awaitable[bool]],
+    timeout: float = 60.0,
+    what: str = "condition",
+    interval: float = 0.5,
+) -> None:
+    """Like ``until`` for a check that itself does I/O (e.g. asks the broker)."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def make_settings(bootstrap: str, **overrides: object) -> Settings:

@@ -1,0 +1,153 @@
+"""Components run as real processes for end-to-end tests (so they can be killed like in production)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka.errors import KafkaError
+
+from audience_relay.kafkautil import group_lag, read_topic
+from audience_relay.localkafka import free_port
+from audience_relay.settings import Settings
+from audience_relay.topics import TopicNames
+from tests.conftest import until_async
+
+
+class Component:
+    """``audience-relay <args>`` in its own process, logging to a file."""
+
+    def __init__(self, settings: Settings, args: list[str], log: Path, **overrides: str) -> None:
+        env = {**os.environ, **settings.to_env(), **overrides}
+        self.log = log
+        self._fh = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "audience_relay.cli", *args],
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, like a crashed host."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self._fh.close()
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._fh.close()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_worker(settings: Settings, tmp: Path, name: str = "w1", **env: str) -> Component:
+    """A processors worker with its own data dir and web port."""
+    return Component(
+        settings,
+        ["worker"],
+        tmp / f"{name}.log",
+        RELAY_WORKER_DATA_DIR=str(tmp / f"{name}-data"),
+        RELAY_WORKER_WEB_PORT=str(free_port()),
+        RELAY_WORKER_WEB_HOST="127.0.0.1",
+        **env,
+    )
+
+
+async def wait_caught_up(settings: Settings, workers: list[Component], timeout: float = 180) -> None:
+    """Until the processors' group has committed everything in the raw and segment topics."""
+    names = TopicNames.from_settings(settings)
+    group = f"{settings.topic_prefix}-processors"
+    lag = -1
+
+    async def done() -> bool:
+        nonlocal lag
+        for w in workers:
+            assert w.alive(), f"worker died; see {w.log}:\n{w.log.read_text()[-3000:]}"
+        try:
+            lag = await group_lag(settings.kafka_bootstrap_servers, group, [names.raw, names.segment_events])
+        except KafkaError:  # e.g. the group coordinator is still being elected
+            return False
+        return lag == 0
+
+    try:
+        await until_async(done, timeout, what="the processors to catch up")
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}; {lag} records behind; worker logs: {[str(w.log) for w in workers]}"
+        ) from None
+
+
+async def wait_for_outputs(
+    settings: Settings,
+    workers: list[Component],
+    expected_changes: set[str],
+    expected_table: dict[str, Any],
+    timeout: float = 240,
+) -> list[dict[str, Any]]:
+    """Until every expected change id is in membership-changes and the changelog holds the expected table.
+
+    Waits on the outputs rather than on committed offsets: faust leaves a partition that moved in a
+    rebalance uncommitted until new records arrive on it (it re-processes them, harmlessly).
+    """
+    names = TopicNames.from_settings(settings)
+    changes: list[dict[str, Any]] = []
+    table: dict[str, Any] = {}
+
+    async def done() -> bool:
+        nonlocal changes, table
+        for w in workers:
+            assert w.alive(), f"worker died; see {w.log}:\n{w.log.read_text()[-3000:]}"
+        changes = await read_json(settings, names.membership_changes)
+        if not expected_changes <= {c["change_id"] for c in changes}:
+            return False
+        table = await changelog_table(settings)
+        return table == expected_table
+
+    try:
+        await until_async(done, timeout, what="the expected changes and table", interval=2.0)
+    except AssertionError as exc:
+        missing = len(expected_changes - {c["change_id"] for c in changes})
+        wrong = sum(1 for k, v in expected_table.items() if table.get(k) != v)
+        raise AssertionError(
+            f"{exc}: {missing} changes missing, {wrong} table keys differ; logs "
+            f"{[str(w.log) for w in workers]}"
+        ) from None
+    return changes
+
+
+async def changelog_table(settings: Settings) -> dict[str, Any]:
+    """The membership table as its changelog holds it (last value per key)."""
+    topic = f"{settings.topic_prefix}-processors-membership-changelog"
+    out: dict[str, Any] = {}
+    for r in await read_topic(settings.kafka_bootstrap_servers, topic):
+        out[orjson.loads(r.key)] = orjson.loads(r.value) if r.value is not None else None
+    return out
+
+
+async def read_json(settings: Settings, topic: str) -> list[dict[str, Any]]:
+    return [orjson.loads(r.value) for r in await read_topic(settings.kafka_bootstrap_servers, topic)]
+
+
+def raw_headers(request_id: str) -> list[tuple[str, bytes]]:
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return [
+        ("received-at", now.encode()),
+        ("source", b"default"),
+        ("request-id", request_id.encode()),
+        ("content-type", b"application/json"),
+    ]
