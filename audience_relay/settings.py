@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     table_store: Literal["rocksdb", "memory"] = Field(
         "rocksdb", validation_alias=AliasChoices("RELAY_TABLE_STORE", "table_store")
     )
+    table_memory_mb: int = Field(
+        128, ge=8, validation_alias=AliasChoices("RELAY_TABLE_MEMORY_MB", "table_memory_mb")
+    )
     worker_data_dir: Path = Field(
         Path(".local/worker"), validation_alias=AliasChoices("RELAY_WORKER_DATA_DIR", "worker_data_dir")
     )

@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -26,8 +27,8 @@ def broker() -> Iterator[str]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         return
-    local = LocalKafka(PROJECT / ".local", port=free_port(), home_dir=PROJECT / ".local" / "bench-kafka")
-    local.wipe()
+    home = Path(tempfile.mkdtemp(prefix="bench-kafka-", dir=PROJECT / ".local"))
+    local = LocalKafka(PROJECT / ".local", port=free_port(), home_dir=home)
     local.start()
     try:
         yield local.bootstrap

@@ -28,12 +28,13 @@ import faust
 import orjson
 from faust.streams import _current_event  # no public way to name a table write's event
 from faust.types import EventT, StreamT
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from processors import metrics
 from processors.membership import apply_event
-from processors.split import Context, split_body
+from processors.split import Context, Rejected, Split, split_body
 
 log = logging.getLogger("processors")
 
@@ -65,6 +66,17 @@ def _table_context(event: EventT[bytes]) -> None:
     _current_event.set(weakref.ref(event))
 
 
+def _rocksdb_options(settings: Settings) -> dict[str, int]:
+    per_partition = max(2, settings.table_memory_mb // max(1, settings.partitions)) * 1024 * 1024
+    return {
+        "write_buffer_size": per_partition // 4,
+        "max_write_buffer_number": 2,
+        "block_cache_size": per_partition // 2,
+        "block_cache_compressed_size": 0,
+        "max_open_files": 512,
+    }
+
+
 def _json(value: Any) -> bytes:
     return orjson.dumps(value)
 
@@ -84,7 +96,10 @@ def create_app(settings: Settings) -> faust.App:
         table_standby_replicas=settings.standby_replicas,
         processing_guarantee="at_least_once",
         consumer_auto_offset_reset="earliest",
-        consumer_max_fetch_size=settings.max_body_bytes + 1024 * 1024,
+        # A raw record is a whole webhook body: prefetching thousands of them (faust's defaults)
+        # costs hundreds of MiB on a backlog. The broker still returns a record larger than this.
+        consumer_max_fetch_size=1024 * 1024,
+        stream_buffer_maxsize=max(256, settings.processor_batch),
         producer_max_request_size=settings.max_body_bytes + 1024 * 1024,
         producer_linger=0.005,
         producer_max_batch_size=256 * 1024,
@@ -99,26 +114,53 @@ def create_app(settings: Settings) -> faust.App:
     segments = app.topic(
         names.segment_events, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    dead_letter = app.topic(names.dead_letter, key_serializer="raw", value_serializer="raw")
-    changes = app.topic(names.membership_changes, key_serializer="raw", value_serializer="raw")
-    current = app.topic(names.membership, key_serializer="raw", value_serializer="raw")
     table = app.Table(
         "membership",
         default=None,
         schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="json"),
         partitions=settings.partitions,
         help="identifier -> {audience id -> membership state}",
+        # faust's RocksDB defaults (64 MiB x 3 memtables and a 2 GiB block cache, per partition)
+        # let memory grow with the table; bound them so RSS follows RELAY_TABLE_MEMORY_MB.
+        options=_rocksdb_options(settings),
     )
     batch, within = settings.processor_batch, settings.processor_batch_ms / 1000
 
+    producer = app.producer
+    max_outstanding = 20_000
+
+    class Outbox:
+        """Sends through faust's producer without waiting per record; bounded, awaited in bulk.
+
+        Faust flushes this producer before it commits offsets, so records sent here are durable
+        before the input that caused them is marked done.
+        """
+
+        def __init__(self) -> None:
+            self.pending: list[Awaitable[Any]] = []
+
+        async def send(
+            self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None
+        ) -> None:
+            self.pending.append(await producer.send(topic, key, value, None, None, headers))
+            if len(self.pending) >= max_outstanding:
+                await self.acknowledged()
+
+        async def acknowledged(self) -> None:
+            """Wait until the broker acknowledged everything sent so far."""
+            pending, self.pending = self.pending, []
+            if pending:
+                await asyncio.gather(*pending)
+
     @app.agent(raw_topic, name="split", concurrency=1)
     async def split(stream: StreamT[bytes]) -> None:
-        # One raw record is a whole webhook body (up to hundreds of users): per-record iteration is
-        # cheap here, and it keeps faust's own, best-trodden ack path.
+        # One raw record is a whole webhook body (up to hundreds of users), so per-record
+        # iteration costs little here, and keeps faust's plain ack path.
+        outbox = Outbox()
         async for event in stream.events():
-            await _split_one(event)
+            await _split_one(event, outbox)
 
-    async def _split_one(event: EventT[bytes]) -> None:
+    async def _split_one(event: EventT[bytes], outbox: Outbox) -> None:
         headers = _headers(event)
         message = event.message
         ctx = Context(
@@ -129,11 +171,15 @@ def create_app(settings: Settings) -> faust.App:
             match_field=settings.match_field,
         )
         body = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
-        result = split_body(body, ctx)
+        try:
+            result = split_body(body, ctx)
+        except Exception as exc:  # a bug must cost one record (kept), never the agent
+            log.exception("split failed", extra={"request_id": ctx.request_id})
+            failure = Rejected("internal_error", f"the split agent failed: {exc!r}", None, body)
+            result = Split(rejected=[failure])
         metrics.EVENTS_IN.labels("split").inc()
-        pending: list[Awaitable[Any]] = []
         for seg in result.events:
-            pending.append(await segments.send(key=seg["identifier"].encode(), value=_json(seg)))
+            await outbox.send(names.segment_events, seg["identifier"].encode(), _json(seg))
         metrics.EVENTS_OUT.inc(len(result.events))
         for rej in result.rejected:
             dl_headers = [
@@ -148,29 +194,29 @@ def create_app(settings: Settings) -> faust.App:
             ]
             if rej.index is not None:
                 dl_headers.append(("element-index", str(rej.index).encode()))
-            pending.append(await dead_letter.send(value=rej.record, headers=dl_headers))
+            await outbox.send(names.dead_letter, None, rej.record, dl_headers)
             metrics.DEAD_LETTERED.labels(rej.code).inc()
             log.info(
                 "record dead-lettered",
                 extra={"reason_code": rej.code, "reason": rej.reason, "request_id": ctx.request_id},
             )
-        # Bound the producer buffer: one body's events are acknowledged before the next body.
-        await asyncio.gather(*pending)
 
     @app.agent(segments, name="membership", concurrency=1)
     async def membership(stream: StreamT[bytes]) -> None:
+        outbox = Outbox()
         async for events in stream.take_events(batch, within=within):  # type: ignore[attr-defined]
             staged: dict[str, tuple[Any, EventT[bytes]]] = {}
-            outputs: list[dict[str, Any]] = []
             for event in events:
                 metrics.EVENTS_IN.labels("membership").inc()
                 try:
                     seg = orjson.loads(event.value)
                     identifier = seg["identifier"]
                 except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                    await dead_letter.send(
-                        value=event.value,
-                        headers=[
+                    await outbox.send(
+                        names.dead_letter,
+                        None,
+                        event.value,
+                        [
                             ("reason-code", b"bad_segment_event"),
                             ("reason", str(exc).encode()),
                             ("stage", b"membership"),
@@ -186,33 +232,34 @@ def create_app(settings: Settings) -> faust.App:
                 new_value, emitted = apply_event(value, seg)
                 if new_value is not None:
                     staged[identifier] = (new_value, event)
-                outputs.extend(emitted)
-            # Changes first, acknowledged; the table only after (see the module docstring).
-            pending: list[Awaitable[Any]] = []
-            now = time.time()
-            for record in outputs:
-                key = record["identifier"].encode()
-                if "change_id" in record:
-                    pending.append(
-                        await changes.send(
-                            key=key,
-                            value=_json(record),
-                            headers=[("change-id", record["change_id"].encode())],
+                for record in emitted:
+                    key = record["identifier"].encode()
+                    if "change_id" in record:
+                        await outbox.send(
+                            names.membership_changes,
+                            key,
+                            _json(record),
+                            [("change-id", record["change_id"].encode())],
                         )
-                    )
-                    metrics.CHANGES.labels(record["change"]).inc()
-                else:
-                    state_key = key + b"\x1f" + record["audience_id"].encode()
-                    pending.append(await current.send(key=state_key, value=_json(record)))
-            if pending:
-                await asyncio.gather(*pending)
+                        metrics.CHANGES.labels(record["change"]).inc()
+                    else:
+                        await outbox.send(
+                            names.membership, key + b"\x1f" + record["audience_id"].encode(), _json(record)
+                        )
+            # Changes acknowledged first, the table written after (see the module docstring).
+            await outbox.acknowledged()
             for identifier, (value, event) in staged.items():
                 _table_context(event)
                 table[identifier] = value
+            now = time.time()
             for event in events:
                 ts = event.message.timestamp
                 if ts:
                     metrics.LATENCY.observe(max(0.0, now - ts))
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     app.conf.relay_topics = names  # for tools that need the names from the app
     return app
