@@ -22,16 +22,16 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def broker() -> Iterator[str]:
-    """``KAFKA_BOOTSTRAP_SERVERS`` if set, else a throw-away local broker."""
+def broker() -> Iterator[tuple[str, int | None]]:
+    """(bootstrap, pid): ``KAFKA_BOOTSTRAP_SERVERS`` if set (pid unknown), else a throw-away local broker."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"], None
         return
     home = Path(tempfile.mkdtemp(prefix="bench-kafka-", dir=PROJECT / ".local"))
     local = LocalKafka(PROJECT / ".local", port=free_port(), home_dir=home)
     local.start()
     try:
-        yield local.bootstrap
+        yield local.bootstrap, local.pid()
     finally:
         local.stop()
         local.wipe()
@@ -133,8 +133,11 @@ async def http_post_loop(
     stop_at: float,
     latencies: list[float],
     statuses: dict[int, int],
+    interval: float = 0.0,
 ) -> int:
     """One keep-alive HTTP/1.1 client posting ``bodies`` round-robin until ``stop_at``; returns requests sent.
+
+    With ``interval`` it sends one request per interval instead of back to back.
 
     Hand-rolled on asyncio streams so the load generator costs far less CPU than the server it measures.
     """
@@ -145,8 +148,12 @@ async def http_post_loop(
         for b in bodies
     ]
     sent = 0
+    next_at = time.monotonic()
     try:
         while time.monotonic() < stop_at:
+            if interval:  # paced (open-loop-ish): keep a steady request rate per client
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             started = time.perf_counter()
             writer.write(requests[sent % len(requests)])
             status_line = await reader.readline()

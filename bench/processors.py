@@ -109,7 +109,7 @@ async def main() -> None:
     parser.add_argument("--store", choices=["rocksdb", "memory"], default="rocksdb")
     args = parser.parse_args()
 
-    with broker() as bootstrap:
+    with broker() as (bootstrap, _):
         settings = Settings.model_validate(
             {
                 "kafka_bootstrap_servers": bootstrap,

@@ -81,16 +81,20 @@ def _json(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+def app_id(settings: Settings) -> str:
+    """The faust app id: also the consumer group and the prefix of the changelog topic."""
+    return f"{settings.topic_prefix}-processors"
+
+
 def create_app(settings: Settings) -> faust.App:
     """The processors' faust app for ``settings`` (one per worker process)."""
     names = TopicNames.from_settings(settings)
-    app_id = f"{settings.topic_prefix}-processors"
     app = faust.App(
-        app_id,
+        app_id(settings),
         broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
         store="rocksdb://" if settings.table_store == "rocksdb" else "memory://",
         # Tables live under the app id: a worker data dir shared by two prefixes must not mix them.
-        datadir=str(settings.worker_data_dir / app_id),
+        datadir=str(settings.worker_data_dir / app_id(settings)),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         table_standby_replicas=settings.standby_replicas,

@@ -12,8 +12,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from audience_relay.kafkautil import produce_all, read_topic
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
+from processors.app import app_id
 from processors.membership import fold
 from processors.split import Context, split_body
+from processors.worker import CLEAN_MARKER
 from schemas.records import MembershipChange, MembershipState, SegmentEvent
 from tests.conftest import SAMPLES, make_settings, start_ingress
 from tests.processes import raw_headers, read_json, start_worker, wait_caught_up, wait_for_outputs
@@ -95,6 +97,8 @@ async def test_samples_become_events_states_and_changes(kafka_bootstrap: str, tm
     finally:
         worker.stop()
         await ingress.runner.cleanup()
+    # A graceful stop marks the local table copy as reusable for the next start.
+    assert (tmp_path / "w1-data" / app_id(settings) / CLEAN_MARKER).exists()
 
 
 def user_history(n: int, audiences: int = 3) -> list[dict[str, Any]]:
