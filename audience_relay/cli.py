@@ -49,6 +49,21 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
+    from sinks.run import run_sink
+
+    run_sink(settings, args.name)
+    return 0
+
+
+def cmd_dead_letter_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from sinks.run import replay_dead_letters
+
+    delivered, refused = asyncio.run(replay_dead_letters(settings, args.sink, progress=not args.quiet))
+    print(f"replayed to {args.sink}: {delivered} delivered, {refused} still refused")
+    return 0 if refused == 0 else 4
+
+
 def cmd_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
     from schemas.export import export
 
@@ -105,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run the processors (split + membership); scale by adding workers")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sink", help="deliver membership changes to one destination (own consumer group)")
+    p.add_argument("name", choices=["pushly", "odp", "analytics"])
+    p.set_defaults(func=cmd_sink)
+
+    dead = sub.add_parser("dead-letter", help="dead-letter tools").add_subparsers(
+        dest="action", required=True
+    )
+    p = dead.add_parser("replay", help="re-deliver what a sink gave up, after the cause is fixed")
+    p.add_argument("--sink", required=True, choices=["pushly", "odp", "analytics"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_dead_letter_replay)
 
     schemas = sub.add_parser("schemas", help="published record schemas").add_subparsers(
         dest="action", required=True

@@ -159,6 +159,57 @@ class Settings(BaseSettings):
         50, ge=1, validation_alias=AliasChoices("RELAY_PROCESSOR_BATCH_MS", "processor_batch_ms")
     )
 
+    # --- Sinks ------------------------------------------------------------------------------
+    pushly_webhook_url: str | None = Field(
+        None, validation_alias=AliasChoices("PUSHLY_WEBHOOK_URL", "pushly_webhook_url")
+    )
+    pushly_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("PUSHLY_API_KEY", "pushly_api_key")
+    )
+    pushly_batch_size: int = Field(
+        1, ge=1, validation_alias=AliasChoices("PUSHLY_BATCH_SIZE", "pushly_batch_size")
+    )
+    pushly_flush_seconds: float = Field(
+        0.2, gt=0, validation_alias=AliasChoices("PUSHLY_FLUSH_SECONDS", "pushly_flush_seconds")
+    )
+    pushly_concurrency: int = Field(
+        5, ge=1, validation_alias=AliasChoices("PUSHLY_CONCURRENCY", "pushly_concurrency")
+    )
+    odp_webhook_url: str | None = Field(
+        None, validation_alias=AliasChoices("ODP_WEBHOOK_URL", "odp_webhook_url")
+    )
+    odp_auth_header: str = Field(
+        "Authorization", validation_alias=AliasChoices("ODP_AUTH_HEADER", "odp_auth_header")
+    )
+    odp_auth_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("ODP_AUTH_TOKEN", "odp_auth_token")
+    )
+    odp_identifier_field: str = Field(
+        "_id", min_length=1, validation_alias=AliasChoices("ODP_IDENTIFIER_FIELD", "odp_identifier_field")
+    )
+    odp_batch_size: int = Field(300, ge=1, validation_alias=AliasChoices("ODP_BATCH_SIZE", "odp_batch_size"))
+    odp_flush_seconds: float = Field(
+        3.0, gt=0, validation_alias=AliasChoices("ODP_FLUSH_SECONDS", "odp_flush_seconds")
+    )
+    odp_concurrency: int = Field(
+        20, ge=1, validation_alias=AliasChoices("ODP_CONCURRENCY", "odp_concurrency")
+    )
+    analytics_topic: str | None = Field(
+        None, validation_alias=AliasChoices("RELAY_ANALYTICS_TOPIC", "analytics_topic")
+    )
+    sink_do_not_retry: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [400, 404, 413],
+        validation_alias=AliasChoices("RELAY_SINK_DO_NOT_RETRY", "sink_do_not_retry"),
+    )
+    sink_timeout_seconds: float = Field(
+        10.0, gt=0, validation_alias=AliasChoices("RELAY_SINK_TIMEOUT_SECONDS", "sink_timeout_seconds")
+    )
+    sink_max_backoff_seconds: float = Field(
+        60.0,
+        gt=0,
+        validation_alias=AliasChoices("RELAY_SINK_MAX_BACKOFF_SECONDS", "sink_max_backoff_seconds"),
+    )
+
     # --- Operations -------------------------------------------------------------------------
     log_level: str = Field("INFO", validation_alias=AliasChoices("RELAY_LOG_LEVEL", "log_level"))
     local_dir: Path = Field(Path(".local"), validation_alias=AliasChoices("RELAY_LOCAL_DIR", "local_dir"))
@@ -169,6 +220,11 @@ class Settings(BaseSettings):
     @field_validator("ingress_api_keys", mode="before")
     @classmethod
     def _keys_from_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("sink_do_not_retry", mode="before")
+    @classmethod
+    def _statuses_from_csv(cls, value: Any) -> Any:
         return _split_csv(value)
 
     @field_validator("oauth_clients", mode="before")

@@ -34,7 +34,7 @@ class TopicNames:
             dead_letter=f"{p}.dead-letter",
             membership_changes=f"{p}.membership-changes",
             membership=f"{p}.membership",
-            analytics=f"{p}.analytics",
+            analytics=settings.analytics_topic or f"{p}.analytics",
         )
 
 

@@ -1,0 +1,111 @@
+"""``audience-relay sink NAME`` and ``audience-relay dead-letter replay --sink NAME``."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from tqdm import tqdm
+
+from audience_relay.kafkautil import end_offsets
+from audience_relay.settings import Settings
+from audience_relay.topics import TopicNames
+from sinks.base import Delivered, GiveUp
+from sinks.destinations import build
+from sinks.engine import SinkEngine, backoff
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every configured destination secret, to scrub from dead-letter records."""
+    return [s.get_secret_value() for s in (settings.pushly_api_key, settings.odp_auth_token) if s is not None]
+
+
+async def serve(settings: Settings, name: str, stop: asyncio.Event) -> SinkEngine:
+    """Run the sink ``name`` until ``stop`` is set."""
+    destination, batch_size, flush_seconds, concurrency = build(name, settings)
+    engine = SinkEngine(settings, destination, batch_size, flush_seconds, concurrency, secrets_of(settings))
+    await engine.run(stop)
+    return engine
+
+
+def run_sink(settings: Settings, name: str) -> None:
+    """Run one sink until SIGTERM/SIGINT (in-flight batches finish and are committed)."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, name, stop)
+
+    asyncio.run(main())
+
+
+async def replay_dead_letters(settings: Settings, name: str, *, progress: bool = True) -> tuple[int, int]:
+    """Deliver again every record the sink ``name`` gave up, from where the last replay stopped.
+
+    Returns (delivered, still refused). Records still refused stay in the dead-letter topic (a new
+    copy is appended by nobody: they are simply not marked replayed, so a later replay tries again).
+    """
+    topics = TopicNames.from_settings(settings)
+    destination, _, _, _ = build(name, settings)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=f"{settings.topic_prefix}.dead-letter-replay.{name}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    ends = await end_offsets(settings.kafka_bootstrap_servers, topics.dead_letter)
+    parts = [TopicPartition(topics.dead_letter, p) for p in ends]
+    await consumer.start()
+    await destination.start()
+    delivered = refused = 0
+    try:
+        consumer.assign(parts)
+        committed = {tp: await consumer.committed(tp) for tp in parts}
+        for tp in parts:
+            if committed[tp] is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed[tp])
+        total = 0
+        for tp in parts:
+            total += ends[tp.partition] - await consumer.position(tp)
+        bar = tqdm(total=total, unit="record", desc=f"replay {name}", disable=not progress)
+        pending = {tp for tp in parts if await consumer.position(tp) < ends[tp.partition]}
+        while pending:
+            for tp, records in (await consumer.getmany(*pending, timeout_ms=1000)).items():
+                for record in records:
+                    if record.offset >= ends[tp.partition]:
+                        continue
+                    bar.update(1)
+                    headers = dict(record.headers or ())
+                    if headers.get("stage") != b"sink" or headers.get("sink") != name.encode():
+                        continue
+                    change = orjson.loads(record.value)
+                    attempt = 0
+                    while True:
+                        result = await destination.write([change])
+                        if isinstance(result, Delivered):
+                            delivered += 1
+                            break
+                        if isinstance(result, GiveUp):
+                            refused += 1
+                            break
+                        attempt += 1
+                        if attempt > 8:
+                            raise SystemExit(
+                                f"{name} keeps failing ({result.reason}); replay stopped, run it again"
+                            )
+                        await asyncio.sleep(
+                            result.seconds or backoff(attempt, settings.sink_max_backoff_seconds)
+                        )
+                    await consumer.commit({tp: record.offset + 1})
+            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp.partition]}
+        bar.close()
+    finally:
+        await destination.stop()
+        await consumer.stop()
+    return delivered, refused

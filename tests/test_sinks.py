@@ -1,0 +1,281 @@
+"""Sinks: the engine against a real broker and fake destinations, plus the pure pieces."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from audience_relay.kafkautil import produce_all, read_topic
+from audience_relay.settings import Settings
+from audience_relay.topics import TopicNames, create_topics
+from processors.membership import fold
+from schemas.records import SegmentEvent
+from sinks.base import Delivered, GiveUp, RetryAfter, idempotency_key, lytics_record
+from sinks.http import classify, retry_after_seconds
+from sinks.run import replay_dead_letters, serve
+from tests.conftest import make_settings, until, until_async
+from tests.fakes import Answer, FakeDestination
+from tests.processes import Component
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def make_changes(users: int, audiences: int = 2) -> list[dict[str, Any]]:
+    """Real MembershipChange records, made by the membership function from enter/exit events."""
+    out: list[dict[str, Any]] = []
+    for n in range(users):
+        ident = f"user{n}@example.com"
+        events = []
+        for a in range(audiences):
+            for kind, sec in (("enter", 10 + a), ("exit", 100 + a)) if n % 3 == 0 else (("enter", 10 + a),):
+                when = T0 + timedelta(seconds=sec)
+                events.append(
+                    {
+                        "event_id": SegmentEvent.make_id(ident, f"aud-{a}", kind, when),
+                        "identifier": ident,
+                        "match_field": "email",
+                        "audience_id": f"aud-{a}",
+                        "audience_slug": f"slug-{a}",
+                        "event": kind,
+                        "event_time": when,
+                        "lytics_user_id": str(n),
+                        "source": "default",
+                        "request_id": f"r{n}",
+                    }
+                )
+        out.extend(c for c in fold(events)[1] if "change_id" in c)
+    return out
+
+
+async def publish_changes(settings: Settings, changes: list[dict[str, Any]]) -> None:
+    topics = TopicNames.from_settings(settings)
+    await produce_all(
+        settings.kafka_bootstrap_servers,
+        topics.membership_changes,
+        [
+            (c["identifier"].encode(), orjson.dumps(c), [("change-id", c["change_id"].encode())])
+            for c in changes
+        ],
+    )
+
+
+def sink_settings(bootstrap: str, pushly: FakeDestination, odp: FakeDestination, **extra: object) -> Settings:
+    return make_settings(
+        bootstrap,
+        pushly_webhook_url=pushly.url,
+        pushly_api_key="pushly-secret-key",
+        odp_webhook_url=odp.url,
+        odp_auth_token="Bearer odp-secret-token",
+        odp_flush_seconds=0.5,
+        sink_max_backoff_seconds=0.5,
+        **extra,
+    )
+
+
+class Running:
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(serve(settings, name, self.stop))
+
+    async def close(self) -> None:
+        self.stop.set()
+        await self.task
+
+
+def ids(received: list[Any]) -> list[str]:
+    out = []
+    for r in received:
+        for record in r.body if isinstance(r.body, list) else [r.body]:
+            out.append(record)
+    return out
+
+
+# --- pure pieces ------------------------------------------------------------------------------
+
+
+def test_classify_answers() -> None:
+    assert classify(200, None, "", [400]) == Delivered()
+    assert classify(204, None, "", [400]) == Delivered()
+    assert classify(400, None, "bad", [400, 404, 413]) == GiveUp("the destination answered 400", 400, "bad")
+    assert classify(500, None, "", [400]) == RetryAfter("the destination answered 500", None)
+    assert classify(429, "7", "", [400]) == RetryAfter("the destination answered 429", 7.0)
+    assert classify(401, None, "", [401]) == GiveUp("the destination answered 401", 401, "")
+
+
+def test_retry_after_forms() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert retry_after_seconds("120") == 120.0
+    assert retry_after_seconds("Thu, 01 Jan 2026 12:00:30 GMT", now) == 30.0
+    assert retry_after_seconds("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0
+    assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+
+
+def test_lytics_format_and_idempotency_key() -> None:
+    change = make_changes(1, audiences=1)[0]  # user0 enters (and later exits)
+    record = lytics_record(change, "_id")
+    assert record["data"]["_id"] == "user0@example.com"
+    assert record["data"]["segment_events"] == [
+        {"id": "aud-0", "event": "enter", "enter": change["event_time"], "slug": "slug-0"}
+    ]
+    assert idempotency_key([change]) == idempotency_key([dict(change)])
+    assert idempotency_key([change]) != idempotency_key([change, change])
+
+
+# --- against the broker -----------------------------------------------------------------------
+
+
+async def test_each_destination_gets_exactly_the_changes_in_its_format(kafka_bootstrap: str) -> None:
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    settings = sink_settings(kafka_bootstrap, pushly, odp)
+    await create_topics(settings)
+    changes = make_changes(400)  # 400 users x 2 audiences, a third of them exit again
+    await publish_changes(settings, changes)
+    sinks = [Running(settings, name) for name in ("pushly", "odp", "analytics")]
+    topics = TopicNames.from_settings(settings)
+    try:
+        await until(lambda: len(ids(pushly.delivered())) >= len(changes), 120, "pushly deliveries")
+        await until(lambda: len(ids(odp.delivered())) >= len(changes), 120, "odp deliveries")
+
+        async def analytics_done() -> bool:
+            return len(await read_topic(kafka_bootstrap, topics.analytics)) >= len(changes)
+
+        await until_async(analytics_done, 120, "analytics records")
+    finally:
+        for s in sinks:
+            await s.close()
+        await pushly.stop()
+        await odp.stop()
+    expected = sorted((c["identifier"], c["audience_id"], c["change"]) for c in changes)
+
+    def seen(records: list[dict[str, Any]], field: str) -> list[tuple[str, str, str]]:
+        return sorted(
+            (
+                r["data"][field],
+                r["data"]["segment_events"][0]["id"],
+                "entered" if r["data"]["segment_events"][0]["event"] == "enter" else "exited",
+            )
+            for r in records
+        )
+
+    # Pushly: one user per request (batching off), matching field "email", X-API-KEY.
+    assert all(isinstance(r.body, dict) for r in pushly.requests)
+    assert seen(ids(pushly.requests), "email") == expected
+    assert {r.headers["X-API-KEY"] for r in pushly.requests} == {"pushly-secret-key"}
+    assert len({r.headers["Idempotency-Key"] for r in pushly.requests}) == len(changes)
+    # ODP: arrays of at most 300, identifier under _id, the configured auth header.
+    assert all(isinstance(r.body, list) and 1 <= len(r.body) <= 300 for r in odp.requests)
+    assert any(len(r.body) > 1 for r in odp.requests)
+    assert seen(ids(odp.requests), "_id") == expected
+    assert {r.headers["Authorization"] for r in odp.requests} == {"Bearer odp-secret-token"}
+    # Analytics: one CloudEvent per change, keyed by identifier, with time in audience on exit.
+    events = [orjson.loads(r.value) for r in await read_topic(kafka_bootstrap, topics.analytics)]
+    assert sorted(e["id"] for e in events) == sorted(c["change_id"] for c in changes)
+    exits = [e for e in events if e["type"] == "com.audience-relay.membership.exited"]
+    assert exits and all(e["data"]["seconds_in_audience"] == 90.0 for e in exits)
+    assert {e["specversion"] for e in events} == {"1.0"}
+
+
+async def test_failing_destination_retries_honours_retry_after_and_never_delays_another(
+    kafka_bootstrap: str,
+) -> None:
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    pushly.script = [Answer(500)] * 4 + [Answer(429, {"Retry-After": "2"})]
+    settings = sink_settings(kafka_bootstrap, pushly, odp, pushly_batch_size=50)
+    await create_topics(settings)
+    changes = make_changes(60, audiences=1)
+    await publish_changes(settings, changes)
+    started = time.monotonic()
+    sinks = [Running(settings, "pushly"), Running(settings, "odp")]
+    try:
+        await until(lambda: len(ids(odp.delivered())) >= len(changes), 60, "odp deliveries")
+        odp_done = time.monotonic()
+        await until(lambda: len(ids(pushly.delivered())) >= len(changes), 120, "pushly deliveries")
+    finally:
+        for s in sinks:
+            await s.close()
+        await pushly.stop()
+        await odp.stop()
+    statuses = [r.status for r in pushly.requests]
+    assert statuses[:5] == [500, 500, 500, 500, 429] and 200 in statuses
+    after_429 = next(r.at for r in pushly.requests[5:])
+    assert after_429 - pushly.requests[4].at >= 2.0  # Retry-After honoured
+    first_pushly_success = min(r.at for r in pushly.delivered())
+    assert odp_done < first_pushly_success  # ODP was not held back by Pushly's trouble
+    print(
+        f"odp drained {odp_done - started:.2f}s after start; pushly's first success at "
+        f"{first_pushly_success - started:.2f}s"
+    )
+    assert sorted(r["data"]["email"] for r in ids(pushly.delivered())) == sorted(
+        c["identifier"] for c in changes
+    )
+
+
+async def test_refused_batch_is_dead_lettered_then_replayed(kafka_bootstrap: str) -> None:
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    pushly.default = Answer(400, body='{"error": "unknown field, key pushly-secret-key"}')
+    settings = sink_settings(kafka_bootstrap, pushly, odp)
+    await create_topics(settings)
+    topics = TopicNames.from_settings(settings)
+    changes = make_changes(3, audiences=1)
+    await publish_changes(settings, changes)
+    sink = Running(settings, "pushly")
+
+    async def dead_lettered() -> bool:
+        return len(await read_topic(kafka_bootstrap, topics.dead_letter)) >= len(changes)
+
+    try:
+        await until_async(dead_lettered, 60, "dead-lettered changes")
+    finally:
+        await sink.close()
+    dead = await read_topic(kafka_bootstrap, topics.dead_letter)
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers["sink"] == b"pushly" and headers["response-status"] == b"400"
+        assert b"unknown field" in headers["response-excerpt"]
+        assert b"pushly-secret-key" not in b"".join(headers.values())  # scrubbed
+    assert sorted(orjson.loads(r.value)["change_id"] for r in dead) == sorted(c["change_id"] for c in changes)
+    # The destination is fixed: a replay delivers every one, and a second replay has nothing left.
+    pushly.default = Answer(200)
+    assert await replay_dead_letters(settings, "pushly", progress=False) == (len(changes), 0)
+    assert sorted(r.body["data"]["email"] for r in pushly.delivered()) == sorted(
+        c["identifier"] for c in changes
+    )
+    assert await replay_dead_letters(settings, "pushly", progress=False) == (0, 0)
+    await pushly.stop()
+    await odp.stop()
+
+
+@pytest.mark.timeout(600)
+async def test_kill_9_of_a_sink_loses_nothing(kafka_bootstrap: str, tmp_path: Path) -> None:
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    pushly.default = Answer(200, delay=0.002)
+    settings = sink_settings(kafka_bootstrap, pushly, odp)
+    await create_topics(settings)
+    changes = make_changes(1500, audiences=1)
+    await publish_changes(settings, changes)
+    sink = Component(settings, ["sink", "pushly"], tmp_path / "sink.log")
+    try:
+        await until(lambda: len(pushly.delivered()) >= len(changes) // 4, 120, "a quarter delivered")
+        sink.kill()
+        before = len(pushly.delivered())
+        assert before < len(changes), "everything was delivered before the kill: the test proves nothing"
+        sink = Component(settings, ["sink", "pushly"], tmp_path / "sink2.log")
+        wanted = {c["identifier"] for c in changes}
+        await until(
+            lambda: {r.body["data"]["email"] for r in pushly.delivered()} >= wanted, 180, "all delivered"
+        )
+    finally:
+        sink.stop()
+        await pushly.stop()
+        await odp.stop()
+    keys = [r.headers["Idempotency-Key"] for r in pushly.delivered()]
+    print(
+        f"sink kill: {len(changes)} changes, {before} delivered before the kill, "
+        f"{len(keys) - len(set(keys))} redelivered after it (same idempotency key)"
+    )
