@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
 from audience_relay.kafkautil import end_offsets, group_lag, read_topic, topic_size
-from audience_relay.localkafka import LocalKafka
+from audience_relay.localkafka import LocalKafka, free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 
@@ -59,7 +59,7 @@ async def post_samples(
     return answers
 
 
-async def _show_outputs(settings: Settings, names: TopicNames, marks: dict[str, dict[int, int]]) -> None:
+async def _show_outputs(settings: Settings, names: TopicNames, marks: dict[str, dict[int, int]]) -> int:
     """Wait until the worker has processed everything, then show what this run added."""
     group = f"{settings.topic_prefix}-processors"
     deadline = time.monotonic() + 120
@@ -71,8 +71,9 @@ async def _show_outputs(settings: Settings, names: TopicNames, marks: dict[str, 
         if lag == 0:
             break
         if time.monotonic() > deadline:
-            print(f"the worker is still {lag} record(s) behind; see {settings.local_dir / 'worker.log'}")
-            return
+            log_file = settings.local_dir / "logs" / "worker.log"
+            print(f"the worker is still {lag} record(s) behind; see {log_file}")
+            return 0
         await asyncio.sleep(0.5)  # polling the group's committed offsets
     bootstrap = settings.kafka_bootstrap_servers
     events = await read_topic(bootstrap, names.segment_events, marks[names.segment_events])
@@ -91,36 +92,106 @@ async def _show_outputs(settings: Settings, names: TopicNames, marks: dict[str, 
         headers = dict(record.headers)
         code, reason = headers.get("reason-code", b"?").decode(), headers.get("reason", b"").decode()
         print(f"  dead-letter {code}: {reason}")
+    return len(changes)
+
+
+class LocalReceiver:
+    """A stand-in destination for a local run: prints every request it receives and answers 200."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.received = 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/{name}"
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        records = body if isinstance(body, list) else [body]
+        self.received += len(records)
+        for record in records:
+            data = record.get("data", {})
+            ident = next((v for k, v in data.items() if k != "segment_events"), "?")
+            for se in data.get("segment_events", []):
+                audience = se.get("slug") or se.get("id")
+                print(f"  [{self.name} received] {se.get('event')} {ident} audience {audience}")
+        return web.json_response({"ok": True})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post(f"/{self.name}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def _spawn(settings: Settings, args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "audience_relay.cli", *args],
+            env={**os.environ, **settings.to_env()},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 async def _run(settings: Settings, samples_dir: Path, keep_running: bool) -> int:
     from ingress.app import build_app
 
+    receivers: list[LocalReceiver] = []
+    if not settings.pushly_webhook_url:
+        receivers.append(LocalReceiver("pushly"))
+        settings = settings.model_copy(
+            update={
+                "pushly_webhook_url": receivers[-1].url,
+                "pushly_api_key": SecretStr(secrets.token_urlsafe(16)),
+            }
+        )
+    if not settings.odp_webhook_url:
+        receivers.append(LocalReceiver("odp"))
+        settings = settings.model_copy(
+            update={
+                "odp_webhook_url": receivers[-1].url,
+                "odp_auth_token": SecretStr(secrets.token_urlsafe(16)),
+            }
+        )
+    for receiver in receivers:
+        await receiver.start()
+        print(f"no {receiver.name.upper()}_WEBHOOK_URL: a local {receiver.name} receiver prints what it gets")
     names = TopicNames.from_settings(settings)
     for r in await create_topics(settings):
         print(f"topic {r.name} ({r.partitions} partitions, {'created' if r.created else 'exists'})")
     app = build_app(settings)
-    log_path = settings.local_dir / "worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as worker_log:
-        worker = subprocess.Popen(  # noqa: ASYNC220 - started once at start-up
-            [sys.executable, "-m", "audience_relay.cli", "worker"],
-            env={**os.environ, **settings.to_env()},
-            stdout=worker_log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    print(f"worker started (pid {worker.pid}, log {log_path})")
+    logs = settings.local_dir / "logs"
+    procs = {"worker": _spawn(settings, ["worker"], logs / "worker.log")}
+    for sink in ("pushly", "odp", "analytics"):
+        procs[f"sink {sink}"] = _spawn(settings, ["sink", sink], logs / f"sink-{sink}.log")
+    print(f"worker and sinks started (logs in {logs})")
     try:
-        return await _serve(settings, app, names, samples_dir, keep_running)
+        return await _serve(settings, app, names, samples_dir, keep_running, receivers)
     finally:
-        worker.terminate()
-        await asyncio.to_thread(worker.wait, 60)
-        print("worker stopped")
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            await asyncio.to_thread(proc.wait, 60)
+        print("worker and sinks stopped")
+        for receiver in receivers:
+            await receiver.stop()
 
 
 async def _serve(
-    settings: Settings, app: web.Application, names: TopicNames, samples_dir: Path, keep_running: bool
+    settings: Settings,
+    app: web.Application,
+    names: TopicNames,
+    samples_dir: Path,
+    keep_running: bool,
+    receivers: list[LocalReceiver],
 ) -> int:
     from ingress.app import PUBLISHER
 
@@ -144,7 +215,13 @@ async def _serve(
             print(f"POST {name:45s} -> {status}")
         added = await topic_size(settings.kafka_bootstrap_servers, names.raw) - before
         print(f"{names.raw} now holds {added} new record(s); the worker is processing them")
-        await _show_outputs(settings, names, marks)
+        new_changes = await _show_outputs(settings, names, marks)
+        deadline = time.monotonic() + 60
+        while receivers and any(r.received < new_changes for r in receivers):
+            if time.monotonic() > deadline:
+                print("the local receivers did not get every change in time; see the sink logs")
+                break
+            await asyncio.sleep(0.2)  # polling the receivers' counters
         if keep_running:
             print("serving; press Ctrl-C to stop")
             stop = asyncio.Event()
