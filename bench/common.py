@@ -134,6 +134,7 @@ async def http_post_loop(
     latencies: list[float],
     statuses: dict[int, int],
     interval: float = 0.0,
+    max_requests: int | None = None,
 ) -> int:
     """One keep-alive HTTP/1.1 client posting ``bodies`` round-robin until ``stop_at``; returns requests sent.
 
@@ -150,7 +151,7 @@ async def http_post_loop(
     sent = 0
     next_at = time.monotonic()
     try:
-        while time.monotonic() < stop_at:
+        while time.monotonic() < stop_at and (max_requests is None or sent < max_requests):
             if interval:  # paced (open-loop-ish): keep a steady request rate per client
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))

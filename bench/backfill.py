@@ -1,0 +1,239 @@
+"""Backfill benchmark: a Lytics "Existing Users" backfill through the whole pipeline.
+
+N users x M audiences are posted as 300-user batches by 20 concurrent clients to the ingress; one
+worker and the three sinks deliver to local fake Pushly/ODP servers and the analytics topic. Shows
+progress, then prints end-to-end memberships/s, time to drain, deliveries per destination,
+duplicates and losses.
+
+    python -m bench.backfill [--users 250000] [--audiences 4] [--clients 20] [--pushly-batch 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+from audience_relay.kafkautil import topic_size
+from audience_relay.localkafka import free_port
+from audience_relay.settings import Settings
+from audience_relay.topics import TopicNames, create_topics
+from bench.common import IngressProcess, broker, http_post_loop, new_prefix
+
+KEY = "bench-key"
+STAMP = "2026-11-01T10:00:00.000000000Z"
+
+
+class Receiver:
+    """A fake destination that counts records and distinct memberships."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.requests = 0
+        self.records = 0
+        self.memberships: set[tuple[str, str]] = set()
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        self.requests += 1
+        for record in body if isinstance(body, list) else [body]:
+            data = record["data"]
+            ident = next(v for k, v in data.items() if k != "segment_events")
+            for se in data["segment_events"]:
+                self.records += 1
+                self.memberships.add((ident, se["id"]))
+        return web.json_response({"ok": True})
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def batches(users: int, audiences: int, per_body: int) -> list[bytes]:
+    out = []
+    for start in range(0, users, per_body):
+        records = []
+        for n in range(start, min(start + per_body, users)):
+            records.append(
+                {
+                    "id": str(n),
+                    "data": {
+                        "email": f"user{n}@example.com",
+                        "segment_events": [
+                            {"id": f"aud{a:04d}", "event": "enter", "slug": f"audience_{a}", "enter": STAMP}
+                            for a in range(audiences)
+                        ],
+                    },
+                    "meta": {"timestamp": STAMP},
+                }
+            )
+        out.append(orjson.dumps(records))
+    return out
+
+
+async def post_all(port: int, bodies: list[bytes], clients: int) -> dict[int, int]:
+    """Every body posted once, by ``clients`` keep-alive connections; a 429/503 is retried."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    statuses: dict[int, int] = {}
+
+    async def client() -> None:
+        while not queue.empty():
+            body = queue.get_nowait()
+            answer: dict[int, int] = {}
+            await http_post_loop(
+                port, "/v1/lytics", {"X-API-KEY": KEY}, [body], float("inf"), [], answer, max_requests=1
+            )
+            for status, count in answer.items():
+                statuses[status] = statuses.get(status, 0) + count
+            if 200 not in answer:
+                queue.put_nowait(body)  # Lytics retries what was not stored
+                await asyncio.sleep(0.5)
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return statuses
+
+
+def spawn(settings: Settings, args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "audience_relay.cli", *args],
+        env={**os.environ, **settings.to_env(), **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, default=250_000)
+    parser.add_argument("--audiences", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=300)
+    parser.add_argument(
+        "--pushly-batch",
+        type=int,
+        default=300,
+        help="Pushly's batch size (1 = one request per change, its default)",
+    )
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+    expected = args.users * args.audiences
+
+    pushly, odp = Receiver("pushly"), Receiver("odp")
+    await pushly.start()
+    await odp.start()
+    with broker() as (bootstrap, _):
+        settings = Settings.model_validate(
+            {
+                "kafka_bootstrap_servers": bootstrap,
+                "topic_prefix": new_prefix(),
+                "partitions": args.partitions,
+                "log_level": "WARNING",
+                "ingress_api_keys": [KEY],
+                "pushly_webhook_url": pushly.url,
+                "pushly_api_key": "bench",
+                "pushly_batch_size": args.pushly_batch,
+                "odp_webhook_url": odp.url,
+                "odp_auth_token": "bench",
+            }
+        )
+        names = TopicNames.from_settings(settings)
+        await create_topics(settings)
+        work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
+        procs = [
+            spawn(
+                settings,
+                ["worker"],
+                work / "worker.log",
+                RELAY_WORKER_DATA_DIR=str(work / "worker"),
+                RELAY_WORKER_WEB_PORT=str(free_port()),
+            )
+        ]
+        procs += [
+            spawn(settings, ["sink", s], work / f"sink-{s}.log") for s in ("pushly", "odp", "analytics")
+        ]
+        ingress = IngressProcess(bootstrap, settings.topic_prefix, KEY)
+        bodies = batches(args.users, args.audiences, args.batch)
+        print(
+            f"backfill: {args.users:,} users x {args.audiences} audiences = {expected:,} memberships in "
+            f"{len(bodies):,} bodies of {args.batch} users; logs in {work}",
+            flush=True,
+        )
+        started = time.monotonic()
+        posting = asyncio.create_task(post_all(ingress.port, bodies, args.clients))
+        posted_at = None
+        analytics = 0
+        try:
+            while True:
+                await asyncio.sleep(5)  # progress report cadence
+                for p in procs:
+                    assert p.poll() is None, f"a component died; see {work}"
+                if posting.done() and posted_at is None:
+                    posted_at = time.monotonic() - started
+                    print(
+                        f"  all bodies stored after {posted_at:.1f} s; answers {posting.result()}", flush=True
+                    )
+                analytics = await topic_size(bootstrap, names.analytics)
+                elapsed = time.monotonic() - started
+                changes = await topic_size(bootstrap, names.membership_changes)
+                print(
+                    f"  {elapsed:6.1f} s  changes {changes:>9,}  "
+                    f"pushly {len(pushly.memberships):>9,}  odp {len(odp.memberships):>9,}  "
+                    f"analytics {analytics:>9,}  / {expected:,}",
+                    flush=True,
+                )
+                if min(len(pushly.memberships), len(odp.memberships), analytics) >= expected:
+                    break
+                if elapsed > args.timeout:
+                    print("  timed out", flush=True)
+                    break
+            drained = time.monotonic() - started
+        finally:
+            ingress.stop()
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(60)
+        print(
+            f"drained {expected:,} memberships in {drained:.1f} s: {expected / drained:,.0f} memberships/s "
+            f"({args.users / drained:,.0f} users/s); bodies stored in {posted_at or float('nan'):.1f} s"
+        )
+        for r in (pushly, odp):
+            print(
+                f"  {r.name}: {r.requests:,} requests, {r.records:,} records, "
+                f"{len(r.memberships):,} distinct, "
+                f"duplicates {r.records - len(r.memberships):,}, lost {expected - len(r.memberships):,}"
+            )
+        print(
+            f"  analytics: {analytics:,} records, lost {max(0, expected - analytics):,} "
+            f"(duplicates {max(0, analytics - expected):,})"
+        )
+    await pushly.stop()
+    await odp.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
