@@ -145,22 +145,15 @@ async def _run(settings: Settings, samples_dir: Path, keep_running: bool) -> int
     from ingress.app import build_app
 
     receivers: list[LocalReceiver] = []
-    if not settings.pushly_webhook_url:
-        receivers.append(LocalReceiver("pushly"))
-        settings = settings.model_copy(
-            update={
-                "pushly_webhook_url": receivers[-1].url,
-                "pushly_api_key": SecretStr(secrets.token_urlsafe(16)),
-            }
-        )
-    if not settings.odp_webhook_url:
-        receivers.append(LocalReceiver("odp"))
-        settings = settings.model_copy(
-            update={
-                "odp_webhook_url": receivers[-1].url,
-                "odp_auth_token": SecretStr(secrets.token_urlsafe(16)),
-            }
-        )
+    # A destination without a URL gets a local receiver and a throw-away credential.
+    for name, url_field, secret_field in (
+        ("pushly", "pushly_webhook_url", "pushly_api_key"),
+        ("odp", "odp_webhook_url", "odp_auth_token"),
+    ):
+        if not getattr(settings, url_field):
+            receivers.append(LocalReceiver(name))
+            update = {url_field: receivers[-1].url, secret_field: SecretStr(secrets.token_urlsafe(16))}
+            settings = settings.model_copy(update=update)
     for receiver in receivers:
         await receiver.start()
         print(f"no {receiver.name.upper()}_WEBHOOK_URL: a local {receiver.name} receiver prints what it gets")

@@ -16,6 +16,7 @@ from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from processors.membership import fold
 from schemas.records import SegmentEvent
+from sinks import metrics as sink_metrics
 from sinks.base import Delivered, GiveUp, RetryAfter, idempotency_key, lytics_record
 from sinks.http import classify, retry_after_seconds
 from sinks.run import replay_dead_letters, serve
@@ -186,11 +187,12 @@ async def test_failing_destination_retries_honours_retry_after_and_never_delays_
 ) -> None:
     pushly, odp = await FakeDestination().start(), await FakeDestination().start()
     pushly.script = [Answer(500)] * 4 + [Answer(429, {"Retry-After": "2"})]
-    settings = sink_settings(kafka_bootstrap, pushly, odp, pushly_batch_size=50)
+    settings = sink_settings(kafka_bootstrap, pushly, odp, pushly_batch_size=5)
     await create_topics(settings)
     changes = make_changes(60, audiences=1)
     await publish_changes(settings, changes)
     started = time.monotonic()
+    paused_before = sink_metrics.PAUSED_SECONDS.labels("pushly")._value.get()
     sinks = [Running(settings, "pushly"), Running(settings, "odp")]
     try:
         await until(lambda: len(ids(odp.delivered())) >= len(changes), 60, "odp deliveries")
@@ -207,6 +209,10 @@ async def test_failing_destination_retries_honours_retry_after_and_never_delays_
     assert after_429 - pushly.requests[4].at >= 2.0  # Retry-After honoured
     first_pushly_success = min(r.at for r in pushly.delivered())
     assert odp_done < first_pushly_success  # ODP was not held back by Pushly's trouble
+    # No spinning: each failure cost exactly one retry of its batch, and partitions were paused.
+    assert len(pushly.requests) == len(pushly.delivered()) + 5
+    assert sum(len(r.body) for r in pushly.delivered()) == len(changes)
+    assert sink_metrics.PAUSED_SECONDS.labels("pushly")._value.get() > paused_before
     print(
         f"odp drained {odp_done - started:.2f}s after start; pushly's first success at "
         f"{first_pushly_success - started:.2f}s"
