@@ -126,7 +126,7 @@ class Settings(BaseSettings):
         5, ge=1, validation_alias=AliasChoices("RELAY_RETRY_AFTER_SECONDS", "retry_after_seconds")
     )
     producer_linger_ms: int = Field(
-        2, ge=0, validation_alias=AliasChoices("RELAY_PRODUCER_LINGER_MS", "producer_linger_ms")
+        0, ge=0, validation_alias=AliasChoices("RELAY_PRODUCER_LINGER_MS", "producer_linger_ms")
     )
 
     # --- Processors -------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,8 @@ async def http_post_loop(
         for b in bodies
     ]
     sent = 0
-    next_at = time.monotonic()
+    # Paced clients start at random phases, or they would all fire at once every interval.
+    next_at = time.monotonic() + random.uniform(0, interval) - interval
     try:
         while time.monotonic() < stop_at and (max_requests is None or sent < max_requests):
             if interval:  # paced (open-loop-ish): keep a steady request rate per client
