@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -98,27 +100,35 @@ async def _show_outputs(settings: Settings, names: TopicNames, marks: dict[str, 
 class LocalReceiver:
     """A stand-in destination for a local run: prints every request it receives and answers 200."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self, name: str, on_record: Callable[[str, str, dict[str, Any]], None] | None = None
+    ) -> None:
         self.name = name
         self.received = 0
+        self.requests = 0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/{name}"
+        self._on_record = on_record or self._print
         self._runner: web.AppRunner | None = None
+
+    def _print(self, destination: str, identifier: str, segment_event: dict[str, Any]) -> None:
+        audience = segment_event.get("slug") or segment_event.get("id")
+        print(f"  [{destination} received] {segment_event.get('event')} {identifier} audience {audience}")
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
         records = body if isinstance(body, list) else [body]
+        self.requests += 1
         self.received += len(records)
         for record in records:
             data = record.get("data", {})
             ident = next((v for k, v in data.items() if k != "segment_events"), "?")
             for se in data.get("segment_events", []):
-                audience = se.get("slug") or se.get("id")
-                print(f"  [{self.name} received] {se.get('event')} {ident} audience {audience}")
+                self._on_record(self.name, ident, se)
         return web.json_response({"ok": True})
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)
         app.router.add_post(f"/{self.name}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

@@ -18,53 +18,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
-from aiohttp import web
 
 from audience_relay.kafkautil import topic_size
 from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
+from audience_relay.up import LocalReceiver
 from bench.common import IngressProcess, broker, http_post_loop, new_prefix
 
 KEY = "bench-key"
 STAMP = "2026-11-01T10:00:00.000000000Z"
 
 
-class Receiver:
-    """A fake destination that counts records and distinct memberships."""
+class Receiver(LocalReceiver):
+    """A local destination that counts records and distinct memberships instead of printing them."""
 
     def __init__(self, name: str) -> None:
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-        self.requests = 0
+        super().__init__(name, self._count)
         self.records = 0
         self.memberships: set[tuple[str, str]] = set()
-        self._runner: web.AppRunner | None = None
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read())
-        self.requests += 1
-        for record in body if isinstance(body, list) else [body]:
-            data = record["data"]
-            ident = next(v for k, v in data.items() if k != "segment_events")
-            for se in data["segment_events"]:
-                self.records += 1
-                self.memberships.add((ident, se["id"]))
-        return web.json_response({"ok": True})
-
-    async def start(self) -> None:
-        app = web.Application(client_max_size=64 << 20)
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    def _count(self, destination: str, identifier: str, segment_event: dict[str, Any]) -> None:
+        self.records += 1
+        self.memberships.add((identifier, segment_event["id"]))
 
 
 def batches(users: int, audiences: int, per_body: int) -> list[bytes]:
