@@ -197,6 +197,9 @@ class Settings(BaseSettings):
     analytics_topic: str | None = Field(
         None, validation_alias=AliasChoices("RELAY_ANALYTICS_TOPIC", "analytics_topic")
     )
+    sink_web_port: int = Field(
+        9108, ge=0, le=65535, validation_alias=AliasChoices("RELAY_SINK_WEB_PORT", "sink_web_port")
+    )
     sink_do_not_retry: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [400, 404, 413],
         validation_alias=AliasChoices("RELAY_SINK_DO_NOT_RETRY", "sink_do_not_retry"),

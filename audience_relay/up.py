@@ -174,7 +174,9 @@ async def _run(settings: Settings, samples_dir: Path, keep_running: bool) -> int
     logs = settings.local_dir / "logs"
     procs = {"worker": _spawn(settings, ["worker"], logs / "worker.log")}
     for sink in ("pushly", "odp", "analytics"):
-        procs[f"sink {sink}"] = _spawn(settings, ["sink", sink], logs / f"sink-{sink}.log")
+        # Each sink process serves /metrics on a port of its own.
+        sink_settings = settings.model_copy(update={"sink_web_port": free_port()})
+        procs[f"sink {sink}"] = _spawn(sink_settings, ["sink", sink], logs / f"sink-{sink}.log")
     print(f"worker and sinks started (logs in {logs})")
     try:
         return await _serve(settings, app, names, samples_dir, keep_running, receivers)

@@ -152,7 +152,8 @@ async def main() -> None:
             )
         ]
         procs += [
-            spawn(settings, ["sink", s], work / f"sink-{s}.log") for s in ("pushly", "odp", "analytics")
+            spawn(settings, ["sink", s], work / f"sink-{s}.log", RELAY_SINK_WEB_PORT=str(free_port()))
+            for s in ("pushly", "odp", "analytics")
         ]
         ingress = IngressProcess(bootstrap, settings.topic_prefix, KEY)
         bodies = batches(args.users, args.audiences, args.batch)

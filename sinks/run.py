@@ -6,7 +6,9 @@ import asyncio
 import signal
 
 import orjson
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tqdm import tqdm
 
 from audience_relay.kafkautil import end_offsets
@@ -30,6 +32,24 @@ async def serve(settings: Settings, name: str, stop: asyncio.Event) -> SinkEngin
     return engine
 
 
+async def _web(settings: Settings) -> web.AppRunner:
+    """``/healthz`` and ``/metrics`` of a sink process on ``RELAY_SINK_WEB_PORT``."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_view)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.worker_web_host, settings.sink_web_port).start()
+    return runner
+
+
 def run_sink(settings: Settings, name: str) -> None:
     """Run one sink until SIGTERM/SIGINT (in-flight batches finish and are committed)."""
 
@@ -38,7 +58,11 @@ def run_sink(settings: Settings, name: str) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, name, stop)
+        runner = await _web(settings)
+        try:
+            await serve(settings, name, stop)
+        finally:
+            await runner.cleanup()
 
     asyncio.run(main())
 

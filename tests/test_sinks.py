@@ -8,10 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
 from audience_relay.kafkautil import produce_all, read_topic
+from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from processors.membership import fold
@@ -265,13 +267,21 @@ async def test_kill_9_of_a_sink_loses_nothing(kafka_bootstrap: str, tmp_path: Pa
     await create_topics(settings)
     changes = make_changes(1500, audiences=1)
     await publish_changes(settings, changes)
-    sink = Component(settings, ["sink", "pushly"], tmp_path / "sink.log")
+    web_port = free_port()
+    sink = Component(settings, ["sink", "pushly"], tmp_path / "sink.log", RELAY_SINK_WEB_PORT=str(web_port))
     try:
         await until(lambda: len(pushly.delivered()) >= len(changes) // 4, 120, "a quarter delivered")
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{web_port}/metrics") as resp:
+            assert resp.status == 200
+            assert (
+                'relay_sink_deliveries_total{destination="pushly",outcome="delivered"}' in await resp.text()
+            )
         sink.kill()
         before = len(pushly.delivered())
         assert before < len(changes), "everything was delivered before the kill: the test proves nothing"
-        sink = Component(settings, ["sink", "pushly"], tmp_path / "sink2.log")
+        sink = Component(
+            settings, ["sink", "pushly"], tmp_path / "sink2.log", RELAY_SINK_WEB_PORT=str(free_port())
+        )
         wanted = {c["identifier"] for c in changes}
         await until(
             lambda: {r.body["data"]["email"] for r in pushly.delivered()} >= wanted, 180, "all delivered"
