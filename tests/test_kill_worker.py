@@ -9,7 +9,7 @@ import pytest
 from audience_relay.kafkautil import topic_size
 from audience_relay.topics import TopicNames, create_topics
 from tests.conftest import make_settings, until_async
-from tests.processes import read_json, start_worker, wait_for_outputs
+from tests.processes import read_json, start_worker, wait_for_outputs, wait_group
 from tests.test_processors_e2e import bodies_for, oracle, preload
 
 
@@ -22,6 +22,7 @@ async def test_kill_9_mid_stream_loses_no_change(kafka_bootstrap: str, tmp_path:
     expected_table, expected_changes = oracle(settings, bodies)
     worker = start_worker(settings, tmp_path, "w1")
     try:
+        await wait_group(settings, 1)
         await preload(settings, bodies)
         seen = 0
 
@@ -37,6 +38,9 @@ async def test_kill_9_mid_stream_loses_no_change(kafka_bootstrap: str, tmp_path:
     finally:
         if worker.alive():
             worker.kill()
+    # The dead member leaves the group when its session times out; restarting only then keeps a
+    # rebalance out of the middle of the replay (see tests.processes.wait_group).
+    await wait_group(settings, 0, timeout=180)
     restarted = start_worker(settings, tmp_path, "w1")  # same data dir, like a restarted pod
     try:
         changes = await wait_for_outputs(settings, [restarted], expected_changes, expected_table, timeout=600)

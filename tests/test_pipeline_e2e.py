@@ -11,7 +11,7 @@ from audience_relay.kafkautil import read_topic
 from audience_relay.topics import TopicNames, create_topics
 from tests.conftest import SAMPLES, start_ingress, until, until_async
 from tests.fakes import FakeDestination
-from tests.processes import start_worker
+from tests.processes import start_worker, wait_group
 from tests.test_sinks import Running, sink_settings
 
 AUDIENCE = "42976a269a5e6b9d06c681b1c27292df"
@@ -26,6 +26,7 @@ async def test_webhook_to_every_destination(kafka_bootstrap: str, tmp_path: Path
     worker = start_worker(settings, tmp_path)
     sinks = [Running(settings, name) for name in ("pushly", "odp", "analytics")]
     try:
+        await wait_group(settings, 1)
         enter = (SAMPLES / "default-format-enter.json").read_bytes()
         leave = orjson.loads(enter)
         leave["data"]["segment_events"] = [

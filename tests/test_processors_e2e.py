@@ -18,7 +18,7 @@ from processors.split import Context, split_body
 from processors.worker import CLEAN_MARKER
 from schemas.records import MembershipChange, MembershipState, SegmentEvent
 from tests.conftest import SAMPLES, make_settings, start_ingress
-from tests.processes import raw_headers, read_json, start_worker, wait_caught_up, wait_for_outputs
+from tests.processes import raw_headers, read_json, start_worker, wait_caught_up, wait_for_outputs, wait_group
 
 KEY = {"X-API-KEY": "key-current"}
 AUDIENCE = "42976a269a5e6b9d06c681b1c27292df"
@@ -38,6 +38,7 @@ async def test_samples_become_events_states_and_changes(kafka_bootstrap: str, tm
     ingress = await start_ingress(settings)
     worker = start_worker(settings, tmp_path)
     try:
+        await wait_group(settings, 1)
         samples = sorted(p for p in SAMPLES.glob("*.json") if not p.name.startswith("enrichment"))
         await _post_all(ingress.url, [p.read_bytes() for p in samples])
         await wait_caught_up(settings, [worker])
@@ -177,6 +178,7 @@ async def test_two_workers_share_partitions_and_match_one(kafka_bootstrap: str, 
     expected_table, expected_changes = oracle(settings, bodies)
     workers = [start_worker(settings, tmp_path, "w1"), start_worker(settings, tmp_path, "w2")]
     try:
+        await wait_group(settings, 2)
         await preload(settings, bodies)
         changes = await wait_for_outputs(settings, workers, expected_changes, expected_table)
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
