@@ -46,6 +46,12 @@ def _env_text(name: str, value: Any) -> str:
     return str(_reveal(value))
 
 
+def check_source_name(name: str) -> None:
+    """A source name becomes a URL path segment: letters, digits, '-', '_' and '.' only."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError(f"source name {name!r} may only hold letters, digits, '-', '_' and '.'")
+
+
 class SourceAuth(BaseSettings):
     """Credentials of one configured Lytics job (``/v1/lytics/{source}``)."""
 
@@ -127,6 +133,60 @@ class Settings(BaseSettings):
     )
     producer_linger_ms: int = Field(
         0, ge=0, validation_alias=AliasChoices("RELAY_PRODUCER_LINGER_MS", "producer_linger_ms")
+    )
+    #: JSON file of credentials, re-read on SIGHUP (key rotation without restart); see ingress/keys.py.
+    ingress_keys_file: Path | None = Field(
+        None, validation_alias=AliasChoices("RELAY_INGRESS_KEYS_FILE", "ingress_keys_file")
+    )
+    #: A client must send a whole request head (request line + headers) within this time.
+    ingress_header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        validation_alias=AliasChoices(
+            "RELAY_INGRESS_HEADER_TIMEOUT_SECONDS", "ingress_header_timeout_seconds"
+        ),
+    )
+    #: ... and the whole body within this time after its headers.
+    ingress_body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        validation_alias=AliasChoices("RELAY_INGRESS_BODY_TIMEOUT_SECONDS", "ingress_body_timeout_seconds"),
+    )
+    ingress_keepalive_timeout_seconds: float = Field(
+        75.0,
+        gt=0,
+        validation_alias=AliasChoices(
+            "RELAY_INGRESS_KEEPALIVE_TIMEOUT_SECONDS", "ingress_keepalive_timeout_seconds"
+        ),
+    )
+    ingress_max_connections: int = Field(
+        512,
+        ge=1,
+        validation_alias=AliasChoices("RELAY_INGRESS_MAX_CONNECTIONS", "ingress_max_connections"),
+    )
+    #: Token bucket per source: sustained requests per second (0 turns the limit off) and burst size.
+    ingress_rate_limit_per_second: float = Field(
+        1000.0,
+        ge=0,
+        validation_alias=AliasChoices("RELAY_INGRESS_RATE_LIMIT_PER_SECOND", "ingress_rate_limit_per_second"),
+    )
+    ingress_rate_limit_burst: int = Field(
+        2000,
+        ge=1,
+        validation_alias=AliasChoices("RELAY_INGRESS_RATE_LIMIT_BURST", "ingress_rate_limit_burst"),
+    )
+    #: /metrics, /healthz and /readyz on a port of their own; equal to the ingress port: all on one.
+    ingress_metrics_port: int = Field(
+        9102,
+        ge=0,
+        le=65535,
+        validation_alias=AliasChoices("RELAY_INGRESS_METRICS_PORT", "ingress_metrics_port"),
+    )
+    ingress_tls_cert_file: Path | None = Field(
+        None, validation_alias=AliasChoices("RELAY_INGRESS_TLS_CERT_FILE", "ingress_tls_cert_file")
+    )
+    ingress_tls_key_file: Path | None = Field(
+        None, validation_alias=AliasChoices("RELAY_INGRESS_TLS_KEY_FILE", "ingress_tls_key_file")
     )
 
     # --- Processors -------------------------------------------------------------------------
@@ -266,8 +326,16 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _source_names(self) -> Settings:
         for name in self.sources:
-            if not name or not all(c.isalnum() or c in "-_." for c in name):
-                raise ValueError(f"source name {name!r} may only hold letters, digits, '-', '_' and '.'")
+            check_source_name(name)
+        return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.ingress_tls_cert_file is None) != (self.ingress_tls_key_file is None):
+            raise ValueError(
+                "set both RELAY_INGRESS_TLS_CERT_FILE and RELAY_INGRESS_TLS_KEY_FILE to serve HTTPS, "
+                "or neither to serve plain HTTP"
+            )
         return self
 
     def to_env(self) -> dict[str, str]:

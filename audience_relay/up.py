@@ -199,16 +199,15 @@ async def _serve(
     receivers: list[LocalReceiver],
 ) -> int:
     from ingress.app import PUBLISHER
+    from ingress.server import start_listeners
 
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    if not await app[PUBLISHER].wait_connected(timeout=60):
-        raise SystemExit(f"the ingress could not connect to Kafka at {settings.kafka_bootstrap_servers}")
-    site = web.TCPSite(runner, settings.ingress_host, settings.ingress_port)
-    await site.start()
+    listeners = await start_listeners(app, settings)
     try:
+        if not await app[PUBLISHER].wait_connected(timeout=60):
+            raise SystemExit(f"the ingress could not connect to Kafka at {settings.kafka_bootstrap_servers}")
         host = "127.0.0.1" if settings.ingress_host in ("0.0.0.0", "::") else settings.ingress_host
-        base = f"http://{host}:{settings.ingress_port}"
+        scheme = "https" if listeners.tls else "http"
+        base = f"{scheme}://{host}:{settings.ingress_port}"
         print(f"ingress listening on {base}/v1/lytics")
         before = await topic_size(settings.kafka_bootstrap_servers, names.raw)
         marks = {
@@ -235,7 +234,7 @@ async def _serve(
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
     finally:
-        await runner.cleanup()
+        await listeners.close()
     return 0
 
 

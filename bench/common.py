@@ -97,6 +97,9 @@ class IngressProcess:
             "RELAY_INGRESS_HOST": "127.0.0.1",
             "RELAY_INGRESS_PORT": str(self.port),
             "RELAY_LOG_LEVEL": "WARNING",
+            "RELAY_INGRESS_METRICS_PORT": str(free_port()),
+            # The benchmark measures capacity: the per-source rate limit would cap it.
+            "RELAY_INGRESS_RATE_LIMIT_PER_SECOND": "0",
             **(extra_env or {}),
         }
         self.proc = subprocess.Popen(

@@ -11,9 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -26,8 +24,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from ingress import metrics
+from ingress.access import PRINCIPAL, access_middleware
 from ingress.auth import DEFAULT_SOURCE, Authenticator
+from ingress.errors import error_response, request_id_of
+from ingress.guard import deadline_middleware
 from ingress.publisher import BrokerUnavailable, Headers, Publisher
+from ingress.ratelimit import RateLimiter
 from ingress.validation import body_problem
 
 log = logging.getLogger("ingress")
@@ -36,8 +38,6 @@ SETTINGS = web.AppKey("settings", Settings)
 TOPICS = web.AppKey("topics", TopicNames)
 AUTH = web.AppKey("auth", Authenticator)
 PUBLISHER = web.AppKey("publisher", Publisher)
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class InflightBudget:
@@ -66,17 +66,11 @@ BUDGET = web.AppKey("budget", InflightBudget)
 def _error(
     status: int, error: str, detail: str, request_id: str, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.Response(
-        status=status,
-        body=orjson.dumps({"error": error, "detail": detail, "request_id": request_id}),
-        content_type="application/json",
-        headers=headers,
-    )
+    return error_response(status, error, detail, request_id, headers)
 
 
 def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return request_id_of(request.headers)
 
 
 def record_headers(
@@ -98,7 +92,9 @@ async def receive_webhook(request: web.Request) -> web.Response:
     source = request.match_info.get("source", DEFAULT_SOURCE)
     response = await _receive(request, source)
     route = "/v1/lytics/{source}" if "source" in request.match_info else "/v1/lytics"
-    metrics.REQUESTS.labels(route, str(response.status), source).inc()
+    # The path names the source: an unknown one must not become a label of its own.
+    label = source if request.app[AUTH].knows_source(source) else "unknown"
+    metrics.REQUESTS.labels(route, str(response.status), label).inc()
     metrics.LATENCY.labels(route).observe(time.perf_counter() - started)
     return response
 
@@ -111,15 +107,8 @@ async def _receive(request: web.Request, source: str) -> web.Response:
 
     if not auth.knows_source(source):
         return _error(404, "unknown_source", f"no Lytics source named {source!r} is configured", request_id)
-    principal = auth.authenticate(source, request.headers, request.query)
-    if principal is None:
-        log.info(
-            "unauthenticated request",
-            extra={"request_id": request_id, "source": source, "peer": request.remote},
-        )
-        return _error(
-            401, "unauthorized", "missing or invalid credentials", request_id, {"WWW-Authenticate": "Bearer"}
-        )
+    # The access middleware authenticated the request for this source before the handler ran.
+    principal = request[PRINCIPAL]
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         return _error(
@@ -226,13 +215,16 @@ async def issue_token(request: web.Request) -> web.Response:
             client_id, client_secret = unquote(cid), unquote(secret)
         except (binascii.Error, UnicodeDecodeError):
             pass
-    if form.get("grant_type") != "client_credentials":
-        return web.json_response({"error": "unsupported_grant_type"}, status=400, dumps=_dumps)
+    # The client is authenticated first: without valid client credentials the answer is always 401.
     token = auth.issue_token(client_id, client_secret)
     if token is None:
-        return web.json_response(
+        response = web.json_response(
             {"error": "invalid_client"}, status=401, headers={"WWW-Authenticate": "Basic"}, dumps=_dumps
         )
+        response.force_close()
+        return response
+    if form.get("grant_type") != "client_credentials":
+        return web.json_response({"error": "unsupported_grant_type"}, status=400, dumps=_dumps)
     return web.json_response(
         {"access_token": token.access_token, "token_type": "Bearer", "expires_in": token.expires_in},
         headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
@@ -272,11 +264,24 @@ async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:
 def build_app(
     settings: Settings, publisher: Publisher | None = None, *, insecure: bool = False
 ) -> web.Application:
-    """The ingress application; its Kafka producer lives as long as the app (``cleanup_ctx``)."""
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    """The ingress application; its Kafka producer lives as long as the app (``cleanup_ctx``).
+
+    Every route but the public ones (``ingress.access.PUBLIC_ROUTES``) requires credentials.
+    ``/metrics`` is served here only when ``RELAY_INGRESS_METRICS_PORT`` equals the ingress port;
+    otherwise it lives on the operations app (``build_ops_app``).
+    """
+    auth = Authenticator(settings, allow_anonymous=insecure)
+    limiter = RateLimiter(settings.ingress_rate_limit_per_second, settings.ingress_rate_limit_burst)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[
+            deadline_middleware(settings.ingress_body_timeout_seconds),
+            access_middleware(auth, limiter),
+        ],
+    )
     app[SETTINGS] = settings
     app[TOPICS] = TopicNames.from_settings(settings)
-    app[AUTH] = Authenticator(settings, allow_anonymous=insecure)
+    app[AUTH] = auth
     app[PUBLISHER] = publisher or Publisher(settings)
     app[BUDGET] = InflightBudget(settings.max_inflight_bytes)
     app.cleanup_ctx.append(_publisher_ctx)
@@ -285,31 +290,31 @@ def build_app(
     app.router.add_post("/oauth/token", issue_token)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
-    if app[AUTH].ephemeral_signing_key and (
-        settings.oauth_clients or any(s.oauth_clients for s in settings.sources.values())
-    ):
+    if settings.ingress_metrics_port == settings.ingress_port:
+        app.router.add_get("/metrics", metrics_view)
+    if auth.ephemeral_signing_key and auth.credentials.clients:
         log.warning("RELAY_OAUTH_SIGNING_KEY is not set: OAuth tokens are valid only for this process")
     return app
 
 
-def run(settings: Settings, *, insecure: bool = False) -> None:
-    """Serve the ingress until SIGINT/SIGTERM; in-flight requests drain and the producer flushes."""
-    if not settings.has_credentials() and not insecure:
-        raise SystemExit(
-            "refusing to start: no credentials configured (set RELAY_INGRESS_API_KEYS, RELAY_OAUTH_CLIENTS "
-            "or RELAY_SOURCES), or pass --insecure to accept unauthenticated requests"
+def build_ops_app(main: web.Application) -> web.Application:
+    """``/metrics``, ``/healthz`` and ``/readyz`` for the operations port (no credentials, no body)."""
+
+    async def ready(request: web.Request) -> web.Response:
+        ok = await main[PUBLISHER].ready(main[TOPICS].raw)
+        return web.json_response(
+            {"status": "ready" if ok else "not_ready"}, status=200 if ok else 503, dumps=_dumps
         )
-    if insecure and not settings.has_credentials():
-        log.warning("running with --insecure: every request is accepted without credentials")
-    app = build_app(settings, insecure=insecure)
-    log.info("ingress listening", extra={"host": settings.ingress_host, "port": settings.ingress_port})
-    web.run_app(
-        app,
-        host=settings.ingress_host,
-        port=settings.ingress_port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=30.0,
-        handle_signals=True,
-    )
+
+    ops = web.Application(client_max_size=1024)
+    ops.router.add_get("/metrics", metrics_view)
+    ops.router.add_get("/healthz", healthz)
+    ops.router.add_get("/readyz", ready)
+    return ops
+
+
+def run(settings: Settings, *, insecure: bool = False) -> None:
+    """Serve the ingress until SIGINT/SIGTERM (see ``ingress.server``)."""
+    from ingress.server import run_server
+
+    run_server(settings, insecure=insecure)

@@ -18,18 +18,14 @@ from dataclasses import dataclass
 import orjson
 
 from audience_relay.settings import Settings
+from ingress.keys import ANY_SOURCE, Credentials, KeysFileError, digest, load_credentials
 
 DEFAULT_SOURCE = "default"
 TOKEN_PREFIX = "rt1."
-ANY_SOURCE = "*"
 
 
-def _digest(value: str | bytes) -> bytes:
-    return hashlib.sha256(value.encode() if isinstance(value, str) else value).digest()
-
-
-def _matches_any(presented: str, digests: list[bytes]) -> bool:
-    probe = _digest(presented)
+def _matches_any(presented: str, digests: tuple[bytes, ...]) -> bool:
+    probe = digest(presented)
     found = False
     for candidate in digests:
         found |= hmac.compare_digest(probe, candidate)
@@ -59,36 +55,56 @@ class IssuedToken:
 
 
 class Authenticator:
-    """Checks credentials for a source and issues/verifies OAuth bearer tokens."""
+    """Checks credentials for a source and issues/verifies OAuth bearer tokens.
+
+    Its credentials are one immutable snapshot (``Credentials``), swapped whole by ``reload`` (on
+    SIGHUP): a request is checked against either the old or the new set, never a mix.
+    """
 
     def __init__(self, settings: Settings, *, allow_anonymous: bool = False) -> None:
-        #: Only with ``--insecure`` and no credential configured at all: every request is let in.
-        self.allow_anonymous = allow_anonymous and not settings.has_credentials()
+        self._settings = settings
+        self._insecure = allow_anonymous
         self.query_param = settings.ingress_query_param
         self.ttl = settings.oauth_token_ttl_seconds
-        self._global_keys = [_digest(k.get_secret_value()) for k in settings.ingress_api_keys]
-        self._source_keys = {
-            name: [_digest(k.get_secret_value()) for k in src.api_keys]
-            for name, src in settings.sources.items()
-        }
-        # client id -> (secret digest, source the tokens are good for)
-        self._clients: dict[str, tuple[bytes, str]] = {
-            cid: (_digest(secret.get_secret_value()), ANY_SOURCE)
-            for cid, secret in settings.oauth_clients.items()
-        }
-        for name, src in settings.sources.items():
-            for cid, secret in src.oauth_clients.items():
-                self._clients[cid] = (_digest(secret.get_secret_value()), name)
-        # Without a configured key, tokens die with the process and are not shared across replicas.
-        configured = settings.oauth_signing_key
-        self.ephemeral_signing_key = configured is None
-        self._signing_key = configured.get_secret_value().encode() if configured else secrets.token_bytes(32)
+        # Without a configured key, tokens die with the process and are not shared across replicas;
+        # the per-process key survives reloads so a reload does not void the tokens already issued.
+        self._process_key = secrets.token_bytes(32)
+        self._creds = load_credentials(settings)
+
+    @property
+    def allow_anonymous(self) -> bool:
+        """Only with ``--insecure`` and no credential configured at all: every request is let in."""
+        return self._insecure and not self._creds.any()
+
+    @property
+    def ephemeral_signing_key(self) -> bool:
+        return not self._creds.signing_keys
+
+    @property
+    def credentials(self) -> Credentials:
+        return self._creds
+
+    def reload(self) -> Credentials:
+        """Re-read the environment's snapshot and the keys file; swap them in only if usable.
+
+        Raises ``KeysFileError`` (the old credentials stay in force) for a bad file, or for a file
+        that would leave no credential at all on an ingress that was not started ``--insecure``.
+        """
+        fresh = load_credentials(self._settings)
+        if not fresh.any() and not self._insecure:
+            raise KeysFileError("the keys file leaves no credential at all; keeping the previous ones")
+        self._creds = fresh
+        return fresh
+
+    def _signing_keys(self) -> tuple[bytes, ...]:
+        return self._creds.signing_keys or (self._process_key,)
 
     def knows_source(self, source: str) -> bool:
-        return source == DEFAULT_SOURCE or source in self._source_keys
+        return source == DEFAULT_SOURCE or source in self._creds.source_keys
 
-    def _keys_for(self, source: str) -> list[bytes]:
-        return self._global_keys + self._source_keys.get(source, [])
+    def _keys_for(self, source: str) -> tuple[bytes, ...]:
+        creds = self._creds
+        return creds.global_keys + creds.source_keys.get(source, ())
 
     def authenticate(
         self, source: str, headers: Mapping[str, str], query: Mapping[str, str]
@@ -116,23 +132,29 @@ class Authenticator:
 
     def issue_token(self, client_id: str, client_secret: str, now: float | None = None) -> IssuedToken | None:
         """A signed, expiring bearer token for valid client credentials, else None."""
-        entry = self._clients.get(client_id)
+        entry = self._creds.clients.get(client_id)
         # Compare against a dummy when the client is unknown, so both paths take the same time.
-        expected, scope = entry if entry is not None else (_digest(secrets.token_bytes(16)), "")
-        if not hmac.compare_digest(_digest(client_secret), expected) or entry is None:
+        expected, scope = entry if entry is not None else (digest(secrets.token_bytes(16)), "")
+        if not hmac.compare_digest(digest(client_secret), expected) or entry is None:
             return None
         exp = int((time.time() if now is None else now) + self.ttl)
         payload = _b64(orjson.dumps({"cid": client_id, "src": scope, "exp": exp, "n": secrets.token_hex(8)}))
-        return IssuedToken(f"{TOKEN_PREFIX}{payload}.{self._sign(payload)}", self.ttl)
+        return IssuedToken(
+            f"{TOKEN_PREFIX}{payload}.{self._sign(payload, self._signing_keys()[0])}", self.ttl
+        )
 
-    def _sign(self, payload: str) -> str:
-        return _b64(hmac.new(self._signing_key, payload.encode(), hashlib.sha256).digest())
+    @staticmethod
+    def _sign(payload: str, key: bytes) -> str:
+        return _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())
 
     def verify_token(self, token: str, source: str, now: float | None = None) -> bool:
-        """True for an unexpired token this ingress signed, valid for ``source``."""
+        """True for an unexpired token signed with a current signing key, valid for ``source``."""
         try:
             payload, _, signature = token[len(TOKEN_PREFIX) :].partition(".")
-            if not hmac.compare_digest(self._sign(payload), signature):
+            signed = False
+            for key in self._signing_keys():
+                signed |= hmac.compare_digest(self._sign(payload, key), signature)
+            if not signed:
                 return False
             claims = orjson.loads(_unb64(payload))
             exp = float(claims["exp"])
@@ -140,5 +162,9 @@ class Authenticator:
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
             return False
         if exp <= (time.time() if now is None else now):
+            return False
+        # A token outlives a rotation of its client's secret (until it expires), but not the removal
+        # of the client: a revoked client's tokens stop working at the next reload.
+        if str(claims.get("cid", "")) not in self._creds.clients:
             return False
         return scope in (ANY_SOURCE, source)

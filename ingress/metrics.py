@@ -20,3 +20,18 @@ INFLIGHT_BYTES = Gauge(
 PRODUCER_ERRORS = Counter(
     "relay_ingress_producer_errors_total", "Records Kafka did not acknowledge", ["topic"]
 )
+CONNECTIONS_OPEN = Gauge("relay_ingress_connections_open", "Client connections open", ["listener"])
+CONNECTIONS_REFUSED = Counter(
+    "relay_ingress_connections_refused_total",
+    "Connections answered 503 (or closed) because the listener was at its connection cap",
+    ["listener"],
+)
+TIMEOUTS = Counter(
+    "relay_ingress_timeouts_total",
+    "Connections cut because a request head or body did not arrive in time",
+    ["phase"],
+)
+RATE_LIMITED = Counter(
+    "relay_ingress_rate_limited_total", "Requests answered 429 by the per-source rate limit", ["source"]
+)
+KEY_RELOADS = Counter("relay_ingress_key_reloads_total", "Credential reloads (SIGHUP)", ["outcome"])

@@ -19,6 +19,7 @@ def test_up_demo_shows_the_whole_flow(kafka_bootstrap: str, tmp_path: Path) -> N
         "RELAY_TOPIC_PREFIX": f"demo{uuid.uuid4().hex[:8]}",
         "RELAY_PARTITIONS": "2",
         "RELAY_INGRESS_PORT": str(free_port()),
+        "RELAY_INGRESS_METRICS_PORT": str(free_port()),
         "RELAY_WORKER_WEB_PORT": str(free_port()),
         "RELAY_LOCAL_DIR": str(tmp_path),
         "RELAY_WORKER_DATA_DIR": str(tmp_path / "worker"),
