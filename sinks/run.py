@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 
 import orjson
@@ -20,8 +21,28 @@ from sinks.engine import SinkEngine, backoff
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every configured destination secret, to scrub from dead-letter records."""
-    return [s.get_secret_value() for s in (settings.pushly_api_key, settings.odp_auth_token) if s is not None]
+    """Every configured destination secret, in the forms a destination may echo back (for scrubbing)."""
+    configured = [
+        s.get_secret_value() for s in (settings.pushly_api_key, settings.odp_auth_token) if s is not None
+    ]
+    return secret_variants(configured)
+
+
+def secret_variants(secrets: list[str]) -> list[str]:
+    """Each secret, its credential part (``Bearer <token>`` -> ``<token>``) and their base64 forms.
+
+    Longest first, so that a whole value is scrubbed before a part of it.
+    """
+    variants: set[str] = set()
+    for secret in secrets:
+        parts = [secret, *(p for p in secret.split() if len(p) >= 8 and p != secret)]
+        for part in parts:
+            raw = part.encode()
+            variants.add(part)
+            for encode in (base64.b64encode, base64.urlsafe_b64encode):
+                encoded = encode(raw).decode()
+                variants.update({encoded, encoded.rstrip("=")})
+    return sorted((v for v in variants if v), key=len, reverse=True)
 
 
 async def serve(settings: Settings, name: str, stop: asyncio.Event) -> SinkEngine:
