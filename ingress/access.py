@@ -96,6 +96,17 @@ def access_middleware(
                 {"Retry-After": str(wait)},
             )
         request[PRINCIPAL] = principal
+        routing = request.match_info.http_exception
+        if routing is not None:
+            # No route for this path or method: say so in the JSON every other error answer uses.
+            allow = routing.headers.get("Allow")
+            return error_response(
+                routing.status,
+                "not_found" if routing.status == 404 else "method_not_allowed",
+                routing.reason,
+                request_id_of(request.headers),
+                {"Allow": allow} if allow is not None else None,
+            )
         return await handler(request)
 
     return access
