@@ -65,7 +65,10 @@ class BodyTimeout(TimeoutError):
     """
 
 
-_IDLE, _HEAD, _BUSY = "idle", "head", "busy"
+# idle: kept alive between requests (aiohttp's keep-alive timeout applies); head: a request head is
+# arriving (head deadline); busy: a handler runs; drain: the handler answered without reading the
+# whole body and aiohttp reads the rest (bounded by the head deadline, closed silently).
+_IDLE, _HEAD, _BUSY, _DRAIN = "idle", "head", "busy", "drain"
 
 
 class GuardedConnection(asyncio.Protocol):
@@ -149,10 +152,18 @@ class GuardedConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def request_finished(self) -> None:
-        """Back to idle keep-alive (aiohttp's keep-alive timeout governs), until the next byte."""
-        self._state = _IDLE
+    def request_finished(self, body_read: bool) -> None:
+        """Back to idle keep-alive (aiohttp's keep-alive timeout governs), until the next byte.
+
+        If the body was not read to its end, the bytes still coming are that body, not a new head:
+        they must not earn a 408 after the answer was sent, but they get no more time than a head.
+        """
         self._got_bytes = False
+        if body_read:
+            self._state = _IDLE
+        else:
+            self._state = _DRAIN
+            self._arm(self.limits.header_timeout)
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -164,6 +175,9 @@ class GuardedConnection(asyncio.Protocol):
     def _head_deadline(self) -> None:
         self._timer = None
         if self._state == _BUSY or self.transport is None or self.transport.is_closing():
+            return
+        if self._state == _DRAIN:
+            self._close()  # an answer was already sent: no second one
             return
         metrics.TIMEOUTS.labels("headers").inc()
         peer = self.transport.get_extra_info("peername")
@@ -266,7 +280,7 @@ def deadline_middleware(body_timeout: float) -> Callable[..., Awaitable[web.Stre
         finally:
             timer.cancel()
             if conn is not None:
-                conn.request_finished()
+                conn.request_finished(body_read=payload.is_eof())
 
     return deadlines
 

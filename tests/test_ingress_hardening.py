@@ -197,6 +197,22 @@ async def test_slow_body_is_cut_with_408_and_stores_nothing(kafka_bootstrap: str
     print(f"slow body: cut {cut_after:.2f}s after its headers (body timeout 1 s), {sent} bytes in")
 
 
+async def test_an_answer_sent_before_a_slow_body_is_not_followed_by_a_408(kafka_bootstrap: str) -> None:
+    settings = hardened(kafka_bootstrap, ingress_header_timeout_seconds=1.0)
+    head = b"POST /v1/lytics HTTP/1.1\r\nHost: x\r\nContent-Length: 400\r\n\r\n"  # no credentials
+    async with serving(settings, kafka=False) as ingress:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ingress.site.port)
+        writer.write(head)
+        sending = asyncio.create_task(trickle(writer, b"x" * 400, 0.05))
+        answer = await read_all(reader)
+        sent = await sending
+        writer.close()
+        # The 401 went out at once; the unread body then got no more than a head's time, and no 408.
+        assert status_of(answer) == 401 and answer.count(b"HTTP/1.1 ") == 1
+        assert sent < 400
+        await until(lambda: ingress.limits.open == 0, 30, "the connection to be released")
+
+
 async def test_connection_cap_answers_503_quickly_and_frees_up(kafka_bootstrap: str) -> None:
     cap = 4
     settings = hardened(kafka_bootstrap, ingress_max_connections=cap, ingress_header_timeout_seconds=60.0)

@@ -110,6 +110,9 @@ def test_reload_swaps_keys_keeps_them_on_a_bad_file_and_rotates_signing_keys(
     with pytest.raises(KeysFileError, match="no credential"):
         alone.reload()
     assert alone.authenticate("default", {"X-API-KEY": "file-key-2"}, {}) is not None
+    # At start-up a missing file is an error, not an ingress without those keys.
+    with pytest.raises(KeysFileError, match="cannot read the keys file"):
+        Authenticator(make_settings(kafka_bootstrap, ingress_keys_file=tmp_path / "missing.json"))
 
 
 # --- SIGHUP on a real process ---------------------------------------------------------------------
