@@ -232,6 +232,16 @@ async def test_connection_cap_answers_503_quickly_and_frees_up(kafka_bootstrap: 
         # A real client that sends its request straight away gets the same 503 (not a reset).
         status, body, headers = await post(ingress.url + "/v1/lytics", b"{}", KEY)
         assert status == 503 and body["error"] == "too_many_connections" and headers["Retry-After"] == "5"
+        # A burst far beyond the cap: every connection is answered 503 or closed, none is left hanging
+        # (read_all fails on a connection the server neither answers nor closes).
+        burst = await asyncio.gather(
+            *(asyncio.open_connection("127.0.0.1", ingress.site.port) for _ in range(300))
+        )
+        outcomes = await asyncio.gather(*(read_all(r, fail_after=30) for r, _ in burst))
+        for _, w in burst:
+            w.close()
+        assert any(status_of(o) == 503 for o in outcomes)
+        assert all(o == b"" or status_of(o) == 503 for o in outcomes)
         assert ingress.limits.open == cap  # the held connections were not disturbed
         # A slot frees up: the next client is served.
         held[0][1].close()
