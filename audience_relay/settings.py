@@ -215,6 +215,10 @@ class Settings(BaseSettings):
 
     # --- Operations -------------------------------------------------------------------------
     log_level: str = Field("INFO", validation_alias=AliasChoices("RELAY_LOG_LEVEL", "log_level"))
+    #: How often a worker or sink reads its consumer group's lag (relay_consumer_lag).
+    lag_interval_seconds: float = Field(
+        15.0, gt=0, validation_alias=AliasChoices("RELAY_LAG_INTERVAL_SECONDS", "lag_interval_seconds")
+    )
     local_dir: Path = Field(Path(".local"), validation_alias=AliasChoices("RELAY_LOCAL_DIR", "local_dir"))
     local_kafka_port: int = Field(
         9092, ge=1, le=65535, validation_alias=AliasChoices("RELAY_LOCAL_KAFKA_PORT", "local_kafka_port")

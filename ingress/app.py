@@ -196,6 +196,7 @@ async def _receive(request: web.Request, source: str) -> web.Response:
             )
             return _error(400, "bad_body", problem, request_id)
         metrics.BODY_BYTES.observe(len(body))
+        log.debug("webhook stored", extra={"request_id": request_id, "source": source, "bytes": len(body)})
         return web.Response(
             body=orjson.dumps({"status": "stored", "request_id": request_id}),
             content_type="application/json",
