@@ -10,13 +10,17 @@ sink's web app.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kubernetes_validate
 import orjson
 import pytest
@@ -24,7 +28,9 @@ import yaml
 from pydantic import AliasChoices, SecretStr
 from pydantic_settings import BaseSettings
 
+from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
+from tests.conftest import until_async
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEPLOY = PROJECT / "deploy"
@@ -384,3 +390,75 @@ def test_dockerfile_installs_the_project_and_runs_as_a_user() -> None:
     # The image's data dir is where the StatefulSet mounts the worker's volume.
     [worker] = [c for c in containers() if c.component.kind == "worker"]
     assert f"RELAY_WORKER_DATA_DIR={worker.settings.worker_data_dir}" in text
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "audience_relay.cli", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(30)
+
+
+async def test_a_running_ingress_answers_its_probes_and_scrape(settings: Settings, tmp_path: Path) -> None:
+    """``audience-relay ingress`` with the manifest's env (and the example Secret) serves what the
+    manifest probes and scrapes. Ports are moved to free ones, the broker is the test broker."""
+    [ingress] = [c for c in containers() if c.component.kind == "ingress"]
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
+    env.update(ingress.env)
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
+        RELAY_TOPIC_PREFIX=settings.topic_prefix,
+        RELAY_INGRESS_HOST="127.0.0.1",
+        RELAY_INGRESS_PORT=str(port),
+        RELAY_INGRESS_METRICS_PORT=str(metrics_port),
+    )
+    moved = {ingress.settings.ingress_port: port, ingress_metrics_port(ingress.settings): metrics_port}
+    log = tmp_path / "ingress.log"
+    proc = _spawn(ingress.spec["args"], env, log)
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                get = ingress.spec["readinessProbe"]["httpGet"]
+                url = f"http://127.0.0.1:{moved[_port(ingress.spec, get['port'])]}{get['path']}"
+                try:
+                    async with http.get(url) as resp:
+                        return resp.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await until_async(ready, 60, "the ingress's readiness probe", interval=0.2)
+            get = ingress.spec["livenessProbe"]["httpGet"]
+            async with http.get(
+                f"http://127.0.0.1:{moved[_port(ingress.spec, get['port'])]}{get['path']}"
+            ) as r:
+                assert r.status == 200
+            key = example_secret()["RELAY_INGRESS_API_KEYS"].split(",")[0]
+            async with http.post(
+                f"http://127.0.0.1:{port}/v1/lytics", data=b'{"data": {}}', headers={"X-API-KEY": key}
+            ) as r:
+                assert r.status == 200, await r.text()
+            notes = ingress.pod["metadata"]["annotations"]
+            scrape_port = moved[int(notes["prometheus.io/port"])]
+            if "ingress_metrics_port" not in Settings.model_fields:
+                scrape_port = port  # this branch predates RELAY_INGRESS_METRICS_PORT (see above)
+            async with http.get(f"http://127.0.0.1:{scrape_port}{notes['prometheus.io/path']}") as r:
+                assert r.status == 200
+                assert 'relay_ingress_requests_total{route="/v1/lytics",source="default",status="200"}' in (
+                    await r.text()
+                )
+    finally:
+        _stop(proc)
+    lines = [orjson.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert key not in log.read_text() and lines
