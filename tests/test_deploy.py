@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import typing
@@ -462,3 +463,23 @@ async def test_a_running_ingress_answers_its_probes_and_scrape(settings: Setting
         _stop(proc)
     lines = [orjson.loads(line) for line in log.read_text().splitlines() if line.strip()]
     assert key not in log.read_text() and lines
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed"
+)
+def test_alert_rules_fire_as_intended(tmp_path: Path) -> None:
+    """promtool's unit tests of the alert rules (alerts.test.yml) and its check of the scrape config."""
+    prometheus = DEPLOY / "prometheus"
+    result = subprocess.run(
+        ["promtool", "test", "rules", "alerts.test.yml"], cwd=prometheus, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The config names the rules at their path inside the Prometheus container.
+    config = (prometheus / "prometheus.yml").read_text().replace("/etc/prometheus/alerts.yml", "alerts.yml")
+    (tmp_path / "prometheus.yml").write_text(config)
+    shutil.copy(prometheus / "alerts.yml", tmp_path / "alerts.yml")
+    result = subprocess.run(
+        ["promtool", "check", "config", "prometheus.yml"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
