@@ -207,9 +207,10 @@ async def test_logs_metrics_and_probes_of_running_components(settings: Settings,
         for r in await read_topic(settings.kafka_bootstrap_servers, topics.membership_changes)
     ]
     assert len(changes) == 1 and changes[0]["request_id"] == "req-obs-1"
-    [given_up] = [line for line in sink_lines if line.get("event") == "batch given up"]
-    assert given_up["change_ids"] == [changes[0]["change_id"]]
-    assert given_up["request_ids"] == ["req-obs-1"]
+    # (a rebalance could make the sink give the same batch up twice: every such line names it)
+    given_up = [line for line in sink_lines if line.get("event") == "batch given up"]
+    assert given_up and all(line["change_ids"] == [changes[0]["change_id"]] for line in given_up)
+    assert all(line["request_ids"] == ["req-obs-1"] for line in given_up)
     assert "pushly-secret-key" not in (tmp_path / "sink.log").read_text()
 
     letters = await read_topic(settings.kafka_bootstrap_servers, topics.dead_letter)
