@@ -295,7 +295,10 @@ def build_app(
     settings: Settings, publisher: Publisher | None = None, *, insecure: bool = False
 ) -> web.Application:
     """The ingress application; its Kafka producer lives as long as the app (``cleanup_ctx``)."""
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    # auto_decompress off: aiohttp would otherwise inflate a gzip/deflate body as it arrives (a
+    # gzip bomb costs memory before the handler can refuse it) and answer an undecodable encoding
+    # (br without Brotli) with a plain-text 400 of its own. The handler answers every encoding 415.
+    app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[TOPICS] = TopicNames.from_settings(settings)
     app[AUTH] = Authenticator(settings, allow_anonymous=insecure)
