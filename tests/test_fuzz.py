@@ -328,11 +328,13 @@ async def run_corpus(kafka_bootstrap: str, tmp: Path, count: int) -> dict[str, A
 
 async def test_hostile_corpus_quick(kafka_bootstrap: str, tmp_path: Path) -> None:
     summary = await run_corpus(kafka_bootstrap, tmp_path, QUICK_CASES)
-    print("fuzz summary (quick):", summary)
+    print("fuzz summary (quick):", orjson.dumps(summary, option=orjson.OPT_NON_STR_KEYS).decode())
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_hostile_corpus_full(kafka_bootstrap: str, tmp_path: Path) -> None:
     summary = await run_corpus(kafka_bootstrap, tmp_path, FULL_CASES)
-    print("fuzz summary:", orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    print(
+        "fuzz summary:", orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+    )
