@@ -228,7 +228,7 @@ def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
             raise _Reject("bad_segment_event", f"segment_events[{position}] has no audience id ('id')")
         slug = se.get("slug")
         if isinstance(slug, str):
-            slug = _token(slug, f"segment_events[{position}].slug")
+            _token(slug, f"segment_events[{position}].slug")  # size only: the slug is kept as sent
         if kind == "change":
             when, when_source = fallback, fallback_source
             if fields is None:
