@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -38,6 +39,8 @@ AUTH = web.AppKey("auth", Authenticator)
 PUBLISHER = web.AppKey("publisher", Publisher)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: The OpenAPI document of every route below (tests keep the two in step).
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 
 
 class InflightBudget:
@@ -61,6 +64,7 @@ class InflightBudget:
 
 
 BUDGET = web.AppKey("budget", InflightBudget)
+OPENAPI = web.AppKey("openapi", bytes)
 
 
 def _error(
@@ -209,15 +213,12 @@ async def _receive(request: web.Request, source: str) -> web.Response:
 async def issue_token(request: web.Request) -> web.Response:
     """``POST /oauth/token``: OAuth 2.0 client-credentials grant (RFC 6749 §4.4)."""
     auth = request.app[AUTH]
-    form: dict[str, Any] = {}
-    if request.content_type == "application/json":
-        try:
-            loaded = orjson.loads(await request.read())
-            form = loaded if isinstance(loaded, dict) else {}
-        except orjson.JSONDecodeError:
-            form = {}
-    else:
-        form = dict(await request.post())
+    try:
+        form = await _token_form(request)
+    except web.HTTPRequestEntityTooLarge:
+        return web.json_response({"error": "invalid_request"}, status=413, dumps=_dumps)
+    except ValueError:  # a form aiohttp cannot parse (e.g. multipart without a boundary)
+        return web.json_response({"error": "invalid_request"}, status=400, dumps=_dumps)
     client_id, client_secret = str(form.get("client_id", "")), str(form.get("client_secret", ""))
     basic = request.headers.get("Authorization", "")
     if basic.lower().startswith("basic "):
@@ -239,6 +240,17 @@ async def issue_token(request: web.Request) -> web.Response:
         headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
         dumps=_dumps,
     )
+
+
+async def _token_form(request: web.Request) -> dict[str, Any]:
+    """The token request's fields, from a JSON object or a form body (empty when neither)."""
+    if request.content_type == "application/json":
+        try:
+            loaded = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+    return dict(await request.post())
 
 
 def _dumps(value: Any) -> str:
@@ -263,6 +275,16 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    """``GET /openapi.yaml``: the OpenAPI document of the ingress (credentials as for the default source)."""
+    request_id = _request_id(request)
+    if request.app[AUTH].authenticate(DEFAULT_SOURCE, request.headers, request.query) is None:
+        return _error(
+            401, "unauthorized", "missing or invalid credentials", request_id, {"WWW-Authenticate": "Bearer"}
+        )
+    return web.Response(body=request.app[OPENAPI], content_type="application/yaml")
+
+
 async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:
     publisher = app[PUBLISHER]
     await publisher.start()
@@ -274,7 +296,10 @@ def build_app(
     settings: Settings, publisher: Publisher | None = None, *, insecure: bool = False
 ) -> web.Application:
     """The ingress application; its Kafka producer lives as long as the app (``cleanup_ctx``)."""
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    # auto_decompress off: aiohttp would otherwise inflate a gzip/deflate body as it arrives (a
+    # gzip bomb costs memory before the handler can refuse it) and answer an undecodable encoding
+    # (br without Brotli) with a plain-text 400 of its own. The handler answers every encoding 415.
+    app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[TOPICS] = TopicNames.from_settings(settings)
     app[AUTH] = Authenticator(settings, allow_anonymous=insecure)
@@ -284,9 +309,12 @@ def build_app(
     app.router.add_post("/v1/lytics", receive_webhook)
     app.router.add_post("/v1/lytics/{source}", receive_webhook)
     app.router.add_post("/oauth/token", issue_token)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
+    # No implicit HEAD routes: the routes are exactly those of ingress/openapi.yaml.
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+    app.router.add_get("/metrics", metrics_view, allow_head=False)
+    app[OPENAPI] = OPENAPI_PATH.read_bytes()
+    app.router.add_get("/openapi.yaml", openapi_document, allow_head=False)
     if app[AUTH].ephemeral_signing_key and (
         settings.oauth_clients or any(s.oauth_clients for s in settings.sources.values())
     ):
