@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import yaml
+from faust.types import TP
 from openapi_spec_validator import validate
 
 from audience_relay.localkafka import free_port
@@ -22,6 +25,7 @@ from processors.queries import (
     OPENAPI,
     SERVED_BY,
     PartitionCounts,
+    QueryService,
     current_audiences,
     member_view,
     parse_partitions,
@@ -73,6 +77,37 @@ def test_incremental_counts_equal_a_rebuild() -> None:
     assert counts.count(0, "a0") is None  # not counted: never served as 0
     counts.apply(0, None, table[0])  # writes to an uncounted partition are ignored
     assert counts.counted() == set()
+
+
+@pytest.mark.parametrize("store", ["rocksdb", "memory"])
+def test_changelog_records_applied_to_a_counted_partition_are_counted(store: str, tmp_path: Path) -> None:
+    """A worker that missed writes recovers them from the changelog: its counters follow."""
+    settings = make_settings("127.0.0.1:1", table_store=store, partitions=4, worker_data_dir=tmp_path)
+    app = create_app(settings)
+    table = app.tables["membership"]
+    service = QueryService(app, table, settings)
+    partition = partition_for("u1", 4)
+    topic = table.changelog_topic.get_topic_name()
+
+    def record(value: Any, offset: int) -> Any:
+        message = SimpleNamespace(
+            partition=partition,
+            key=orjson.dumps("u1"),
+            value=orjson.dumps(value),
+            tp=TP(topic, partition),
+            offset=offset,
+        )
+        return SimpleNamespace(key="u1", value=value, message=message)
+
+    entered, _ = fold([_event(1, 0, "enter", 1), _event(1, 1, "enter", 1)])
+    exited, _ = fold([_event(1, 0, "exit", 2)], entered)
+    table.apply_changelog_batch([record(entered, 0)])  # not counted yet (e.g. a standby)
+    assert service.counts.count(partition, "a0") is None
+    service.counts.rebuild(partition, service.reader.values(partition))
+    assert (service.counts.count(partition, "a0"), service.counts.count(partition, "a1")) == (1, 1)
+    table.apply_changelog_batch([record(exited, 1)])
+    assert (service.counts.count(partition, "a0"), service.counts.count(partition, "a1")) == (0, 1)
+    assert service.reader.get(partition, "u1") == exited
 
 
 def test_member_view_lists_current_audiences_only() -> None:
