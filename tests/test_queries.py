@@ -229,14 +229,33 @@ async def test_two_workers_answer_for_each_other(kafka_bootstrap: str, tmp_path:
     ]
     table, changes = oracle(settings, bodies)
     audiences = ["aud-0", "aud-1", "aud-2"]
-    w1, w2 = Worker(settings, tmp_path, "w1"), Worker(settings, tmp_path, "w2")
-    workers = [w1, w2]
+    workers: list[Worker] = []
     try:
-        await wait_group(settings, 2)
-        await preload(settings, bodies)
-        await wait_for_outputs(settings, [w.proc for w in workers], changes, table)
-
         async with aiohttp.ClientSession() as http:
+
+            async def counts_answer(*some: Worker) -> bool:
+                """True once each answers a count: every partition has a settled owner."""
+                for worker in some:
+                    assert worker.proc.alive(), worker.proc.log.read_text()[-3000:]
+                    try:
+                        status, _, _ = await ask(http, f"{worker.url}/v1/audiences/aud-0/count")
+                    except aiohttp.ClientError:
+                        return False
+                    if status != 200:
+                        return False
+                return True
+
+            # The first worker settles alone before the second joins: a rebalance arriving while
+            # the first recovery ends has left faust 0.15 never fetching two raw partitions here.
+            w1 = Worker(settings, tmp_path, "w1")
+            workers.append(w1)
+            await until_async(lambda: counts_answer(w1), 90, what="w1 to settle alone")
+            w2 = Worker(settings, tmp_path, "w2")
+            workers.append(w2)
+            await wait_group(settings, 2)
+            await until_async(lambda: counts_answer(w1, w2), 90, what="both workers to settle")
+            await preload(settings, bodies)
+            await wait_for_outputs(settings, [w.proc for w in workers], changes, table, timeout=120)
 
             async def all_answers(worker: Worker) -> dict[str, tuple[int, Any, dict[str, str]]]:
                 return dict(
