@@ -13,13 +13,18 @@ partition, otherwise it forwards the request once (``X-Relay-Forwarded``) to the
 group's last assignment (faust's ``tables_metadata``, the map ``app.table_route`` uses). The owner
 checks ownership again itself, so a stale map can cost a 503, never a wrong answer. A forwarded
 request is never forwarded again. Unknown owner, a rebalance or table recovery under way, or an owner
-that does not answer: 503 with ``Retry-After``. faust's own ``table_route`` is not used: it forwards on
-any stale map without checking readiness, drops ``Retry-After``, has no timeout and can loop.
+that does not answer: 503 with ``Retry-After``. faust's own ``table_route`` is not used: it hashes
+the key as the changelog serializes it (JSON text, ``"user@x"`` with quotes), not as the records are
+partitioned, so it picks the wrong worker for ~7 keys in 8 here; and it answers locally without
+checking that recovery is done, drops ``Retry-After``, has no timeout and can bounce between two
+workers whose maps disagree. The limit that remains: a worker cut off from the group without knowing
+it (e.g. a long pause) keeps answering from its table until its session times out.
 
 Counts. Every worker keeps, for each table partition it actively owns, a counter of members per
 audience. It is derived from the table: built by scanning a partition once that partition is
 recovered and before its stream resumes, then kept exact by a hook on the table's writes (the old
-value is read back in the same synchronous step as the write, so counter and table never disagree).
+value is read back in the same synchronous step as the write, so counter and table never disagree)
+and on changelog records faust applies to a counted partition.
 Nothing about it is persisted, so there is nothing to get out of step: a kill -9 rebuilds the table
 from its changelog and the counters from the table; a partition-count change (changelog rebuilt by
 the partitions tool) needs no migration. A partition that stays with a worker across a rebalance keeps
