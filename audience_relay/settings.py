@@ -149,6 +149,13 @@ class Settings(BaseSettings):
     worker_web_port: int = Field(
         6066, ge=0, le=65535, validation_alias=AliasChoices("RELAY_WORKER_WEB_PORT", "worker_web_port")
     )
+    #: How other workers reach this one (forwarded queries); default http://<host>:<port>.
+    worker_advertised_url: str | None = Field(
+        None, validation_alias=AliasChoices("RELAY_WORKER_ADVERTISED_URL", "worker_advertised_url")
+    )
+    query_timeout_seconds: float = Field(
+        5.0, gt=0, validation_alias=AliasChoices("RELAY_QUERY_TIMEOUT_SECONDS", "query_timeout_seconds")
+    )
     standby_replicas: int = Field(
         1, ge=0, validation_alias=AliasChoices("RELAY_STANDBY_REPLICAS", "standby_replicas")
     )

@@ -35,6 +35,7 @@ from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from processors import metrics, operations
 from processors.membership import apply_event
+from processors.queries import advertised_url, register_queries
 from processors.split import Context, Rejected, Split, split_body
 
 log = logging.getLogger("processors")
@@ -121,6 +122,10 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.worker_web_port,
         web_bind=settings.worker_web_host,
         web_in_thread=False,
+        canonical_url=advertised_url(settings),
+        # faust's /table and /router pages would show table contents without authentication.
+        web_tables_enabled=False,
+        web_router_enabled=False,
     )
     raw_topic = app.topic(
         names.raw, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
@@ -293,5 +298,6 @@ def create_app(settings: Settings) -> faust.App:
 
     # /healthz, /readyz, the table-keys metric and the group's consumer lag.
     operations.install(app, settings, table)
+    register_queries(app, table, settings)
     app.conf.relay_topics = names  # for tools that need the names from the app
     return app
