@@ -220,9 +220,18 @@ def containers() -> list[Container]:
             env: dict[str, str] = {}
             for source in spec.get("envFrom", []):
                 env.update(maps[source["configMapRef"]["name"]])
+            fields: dict[str, str] = {}
             for item in spec.get("env", []):
                 if "value" in item:
-                    env[item["name"]] = str(item["value"])
+                    # Kubernetes expands $(NAME) from variables defined before this one.
+                    value = str(item["value"])
+                    for name, field in fields.items():
+                        value = value.replace(f"$({name})", field)
+                    assert "$(" not in value, f"{where}: {item['name']} uses an undefined variable"
+                    env[item["name"]] = value
+                elif "fieldRef" in item["valueFrom"]:
+                    # Downward API values (pod name, namespace) only feed $(NAME) expansion.
+                    fields[item["name"]] = "pod-" + item["valueFrom"]["fieldRef"]["fieldPath"].split(".")[-1]
                 else:
                     ref = item["valueFrom"]["secretKeyRef"]
                     assert ref["name"] == SECRET_NAME, where
@@ -241,6 +250,8 @@ def test_every_variable_is_a_setting_and_every_secret_comes_from_a_secret() -> N
     assert set(example_secret()) <= SECRET_ENV
     for c in containers():
         for item in c.spec.get("env", []):
+            if "fieldRef" in item.get("valueFrom", {}):
+                continue
             assert item["name"] in ENV_NAMES, f"{c.where}: {item['name']} is not a setting"
             if item["name"] in SECRET_ENV:
                 assert "secretKeyRef" in item.get("valueFrom", {}), (
@@ -252,6 +263,10 @@ def test_every_variable_is_a_setting_and_every_secret_comes_from_a_secret() -> N
     assert pushly.settings.pushly_api_key is not None and odp.settings.odp_auth_token is not None
     worker = by_component[("worker", None)]
     assert worker.env["RELAY_STANDBY_REPLICAS"] == "1"
+    # The membership queries are authenticated with the ingress's keys, and forwarded between pods
+    # at a name the headless Service resolves.
+    assert worker.settings.ingress_api_keys and worker.settings.oauth_signing_key is not None
+    assert worker.env["RELAY_WORKER_ADVERTISED_URL"].startswith("http://pod-name.audience-relay-worker.")
 
 
 def _port(spec: dict[str, Any], port: int | str) -> int:
