@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo up test lint audit lock bench install kafka-jars clean
+.PHONY: demo up test lint audit lock promtool bench install kafka-jars clean
 
 demo: install kafka-jars ## the whole pipeline locally on the sample payloads, then stop
 	$(BIN)/audience-relay up --demo
@@ -33,6 +33,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+promtool: ## promtool (Debian's prometheus package) for the alert-rule tests; CI runs this, locally optional
+	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 kafka-jars: install
 	$(BIN)/audience-relay kafka fetch
