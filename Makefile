@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo up test lint bench install kafka-jars clean
+.PHONY: demo up test lint audit lock promtool bench install kafka-jars clean
 
 demo: install kafka-jars ## the whole pipeline locally on the sample payloads, then stop
 	$(BIN)/audience-relay up --demo
@@ -12,8 +12,16 @@ demo: install kafka-jars ## the whole pipeline locally on the sample payloads, t
 up: install kafka-jars ## the whole pipeline locally; keeps serving until Ctrl-C
 	$(BIN)/audience-relay up
 
+# The whole suite, slow tests included (the 10,000-case fuzz corpus), hypothesis seeded so a CI run
+# is reproducible; a plain `pytest` skips the slow tests and draws new examples.
 test: install kafka-jars ## the whole test suite against a real broker
-	$(BIN)/pytest
+	$(BIN)/pytest --run-slow --hypothesis-seed=20261123
+
+audit: install ## known vulnerabilities in the locked dependencies (pip-audit)
+	$(BIN)/python scripts/audit.py requirements.lock
+
+lock: install ## requirements.lock: the exact versions installed for audience-relay[dev]
+	$(BIN)/python scripts/lock.py > requirements.lock
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
@@ -25,6 +33,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+promtool: ## promtool (Debian's prometheus package) for the alert-rule tests; CI runs this, locally optional
+	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 kafka-jars: install
 	$(BIN)/audience-relay kafka fetch

@@ -3,6 +3,14 @@
 Callers pass context with ``extra={...}``; every key that is not a standard ``LogRecord`` attribute
 becomes a field of the line. Secrets are never passed to a logger: the settings hold them as
 ``SecretStr`` and the ingress only logs which credential *kind* matched.
+
+The libraries' own loggers (faust, mode, aiokafka, aiohttp) go through the same root handler, so a
+worker's output is JSON too: ``processors.worker`` starts faust with ``override_logging=False``,
+because faust's worker would otherwise replace the root handler with its coloured text one.
+
+Correlation fields: ``request_id`` (the ingress's, or the client's ``X-Request-Id``) travels in the
+raw record's headers into the split agent's lines and dead letters, and inside every segment event
+and membership change; ``change_ids`` name the changes a sink line is about.
 """
 
 from __future__ import annotations
@@ -43,6 +51,22 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    numeric = logging.getLevelName(level)
+    # Libraries that set up handlers of their own would print text lines: route them to the root.
+    for name in ("faust", "mode", "aiokafka", "aiohttp", "py.warnings"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
     # aiokafka logs every failed reconnect at ERROR; our own lines say what it means for a request.
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, numeric))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Python warnings and uncaught exceptions become JSON lines too, not bare tracebacks.
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("audience_relay").critical("uncaught exception", exc_info=(kind, value, tb))

@@ -209,6 +209,13 @@ class Settings(BaseSettings):
     worker_web_port: int = Field(
         6066, ge=0, le=65535, validation_alias=AliasChoices("RELAY_WORKER_WEB_PORT", "worker_web_port")
     )
+    #: How other workers reach this one (forwarded queries); default http://<host>:<port>.
+    worker_advertised_url: str | None = Field(
+        None, validation_alias=AliasChoices("RELAY_WORKER_ADVERTISED_URL", "worker_advertised_url")
+    )
+    query_timeout_seconds: float = Field(
+        5.0, gt=0, validation_alias=AliasChoices("RELAY_QUERY_TIMEOUT_SECONDS", "query_timeout_seconds")
+    )
     standby_replicas: int = Field(
         1, ge=0, validation_alias=AliasChoices("RELAY_STANDBY_REPLICAS", "standby_replicas")
     )
@@ -275,6 +282,10 @@ class Settings(BaseSettings):
 
     # --- Operations -------------------------------------------------------------------------
     log_level: str = Field("INFO", validation_alias=AliasChoices("RELAY_LOG_LEVEL", "log_level"))
+    #: How often a worker or sink reads its consumer group's lag (relay_consumer_lag).
+    lag_interval_seconds: float = Field(
+        15.0, gt=0, validation_alias=AliasChoices("RELAY_LAG_INTERVAL_SECONDS", "lag_interval_seconds")
+    )
     local_dir: Path = Field(Path(".local"), validation_alias=AliasChoices("RELAY_LOCAL_DIR", "local_dir"))
     local_kafka_port: int = Field(
         9092, ge=1, le=65535, validation_alias=AliasChoices("RELAY_LOCAL_KAFKA_PORT", "local_kafka_port")

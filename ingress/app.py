@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -39,6 +40,9 @@ TOPICS = web.AppKey("topics", TopicNames)
 AUTH = web.AppKey("auth", Authenticator)
 PUBLISHER = web.AppKey("publisher", Publisher)
 
+#: The OpenAPI document of every route below (tests keep the two in step).
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+
 
 class InflightBudget:
     """Caps the bytes read from clients but not yet acknowledged by Kafka (backpressure → 429)."""
@@ -61,6 +65,7 @@ class InflightBudget:
 
 
 BUDGET = web.AppKey("budget", InflightBudget)
+OPENAPI = web.AppKey("openapi", bytes)
 
 
 def _error(
@@ -185,6 +190,7 @@ async def _receive(request: web.Request, source: str) -> web.Response:
             )
             return _error(400, "bad_body", problem, request_id)
         metrics.BODY_BYTES.observe(len(body))
+        log.debug("webhook stored", extra={"request_id": request_id, "source": source, "bytes": len(body)})
         return web.Response(
             body=orjson.dumps({"status": "stored", "request_id": request_id}),
             content_type="application/json",
@@ -197,15 +203,12 @@ async def _receive(request: web.Request, source: str) -> web.Response:
 async def issue_token(request: web.Request) -> web.Response:
     """``POST /oauth/token``: OAuth 2.0 client-credentials grant (RFC 6749 §4.4)."""
     auth = request.app[AUTH]
-    form: dict[str, Any] = {}
-    if request.content_type == "application/json":
-        try:
-            loaded = orjson.loads(await request.read())
-            form = loaded if isinstance(loaded, dict) else {}
-        except orjson.JSONDecodeError:
-            form = {}
-    else:
-        form = dict(await request.post())
+    try:
+        form = await _token_form(request)
+    except web.HTTPRequestEntityTooLarge:
+        return web.json_response({"error": "invalid_request"}, status=413, dumps=_dumps)
+    except ValueError:  # a form aiohttp cannot parse (e.g. multipart without a boundary)
+        return web.json_response({"error": "invalid_request"}, status=400, dumps=_dumps)
     client_id, client_secret = str(form.get("client_id", "")), str(form.get("client_secret", ""))
     basic = request.headers.get("Authorization", "")
     if basic.lower().startswith("basic "):
@@ -215,21 +218,31 @@ async def issue_token(request: web.Request) -> web.Response:
             client_id, client_secret = unquote(cid), unquote(secret)
         except (binascii.Error, UnicodeDecodeError):
             pass
-    # The client is authenticated first: without valid client credentials the answer is always 401.
+    if form.get("grant_type") != "client_credentials":
+        return web.json_response({"error": "unsupported_grant_type"}, status=400, dumps=_dumps)
     token = auth.issue_token(client_id, client_secret)
     if token is None:
         response = web.json_response(
             {"error": "invalid_client"}, status=401, headers={"WWW-Authenticate": "Basic"}, dumps=_dumps
         )
-        response.force_close()
+        response.force_close()  # a client that cannot authenticate gets no kept-alive connection
         return response
-    if form.get("grant_type") != "client_credentials":
-        return web.json_response({"error": "unsupported_grant_type"}, status=400, dumps=_dumps)
     return web.json_response(
         {"access_token": token.access_token, "token_type": "Bearer", "expires_in": token.expires_in},
         headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
         dumps=_dumps,
     )
+
+
+async def _token_form(request: web.Request) -> dict[str, Any]:
+    """The token request's fields, from a JSON object or a form body (empty when neither)."""
+    if request.content_type == "application/json":
+        try:
+            loaded = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+    return dict(await request.post())
 
 
 def _dumps(value: Any) -> str:
@@ -254,6 +267,11 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    """``GET /openapi.yaml``: the OpenAPI document (the access middleware asked for credentials)."""
+    return web.Response(body=request.app[OPENAPI], content_type="application/yaml")
+
+
 async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:
     publisher = app[PUBLISHER]
     await publisher.start()
@@ -272,8 +290,12 @@ def build_app(
     """
     auth = Authenticator(settings, allow_anonymous=insecure)
     limiter = RateLimiter(settings.ingress_rate_limit_per_second, settings.ingress_rate_limit_burst)
+    # auto_decompress off: aiohttp would otherwise inflate a gzip/deflate body as it arrives (a
+    # gzip bomb costs memory before the handler can refuse it) and answer an undecodable encoding
+    # (br without Brotli) with a plain-text 400 of its own. The handler answers every encoding 415.
     app = web.Application(
         client_max_size=settings.max_body_bytes,
+        handler_args={"auto_decompress": False},
         middlewares=[
             deadline_middleware(settings.ingress_body_timeout_seconds),
             access_middleware(auth, limiter),
@@ -288,10 +310,13 @@ def build_app(
     app.router.add_post("/v1/lytics", receive_webhook)
     app.router.add_post("/v1/lytics/{source}", receive_webhook)
     app.router.add_post("/oauth/token", issue_token)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    # No implicit HEAD routes: the routes are exactly those of ingress/openapi.yaml.
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
     if settings.ingress_metrics_port == settings.ingress_port:
-        app.router.add_get("/metrics", metrics_view)
+        app.router.add_get("/metrics", metrics_view, allow_head=False)
+    app[OPENAPI] = OPENAPI_PATH.read_bytes()
+    app.router.add_get("/openapi.yaml", openapi_document, allow_head=False)
     if auth.ephemeral_signing_key and auth.credentials.clients:
         log.warning("RELAY_OAUTH_SIGNING_KEY is not set: OAuth tokens are valid only for this process")
     return app
@@ -307,9 +332,9 @@ def build_ops_app(main: web.Application) -> web.Application:
         )
 
     ops = web.Application(client_max_size=1024)
-    ops.router.add_get("/metrics", metrics_view)
-    ops.router.add_get("/healthz", healthz)
-    ops.router.add_get("/readyz", ready)
+    ops.router.add_get("/metrics", metrics_view, allow_head=False)
+    ops.router.add_get("/healthz", healthz, allow_head=False)
+    ops.router.add_get("/readyz", ready, allow_head=False)
     return ops
 
 

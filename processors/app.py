@@ -33,8 +33,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
-from processors import metrics
+from processors import metrics, operations
 from processors.membership import apply_event
+from processors.queries import advertised_url, register_queries
 from processors.split import Context, Rejected, Split, split_body
 
 log = logging.getLogger("processors")
@@ -121,6 +122,10 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.worker_web_port,
         web_bind=settings.worker_web_host,
         web_in_thread=False,
+        canonical_url=advertised_url(settings),
+        # faust's /table and /router pages would show table contents without authentication.
+        web_tables_enabled=False,
+        web_router_enabled=False,
     )
     raw_topic = app.topic(
         names.raw, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
@@ -197,6 +202,17 @@ def create_app(settings: Settings) -> faust.App:
             failure = Rejected("internal_error", f"the split agent failed: {exc!r}", None, body)
             result = Split(rejected=[failure])
         metrics.EVENTS_IN.labels("split").inc()
+        log.debug(
+            "webhook split",
+            extra={
+                "request_id": ctx.request_id,
+                "source": ctx.source,
+                "events": len(result.events),
+                "rejected": len(result.rejected),
+                "partition": message.partition,
+                "offset": message.offset,
+            },
+        )
         for seg in result.events:
             await outbox.send(names.segment_events, seg["identifier"].encode(), _json(seg))
         metrics.EVENTS_OUT.inc(len(result.events))
@@ -280,5 +296,8 @@ def create_app(settings: Settings) -> faust.App:
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
+    # /healthz, /readyz, the table-keys metric and the group's consumer lag.
+    operations.install(app, settings, table)
+    register_queries(app, table, settings)
     app.conf.relay_topics = names  # for tools that need the names from the app
     return app

@@ -23,6 +23,14 @@ from schemas.records import SegmentEvent
 
 MAX_IDENTIFIER_BYTES = 256  # Lytics' published limit for a profile identifier
 MAX_IDENTIFIERS = 50  # Lytics' published limit of stitched identifiers
+# An audience id, slug or Lytics user id is a short token (32 hex characters in Lytics); a larger one
+# would make segment events over the broker's default record size (1 MiB), which ends the worker.
+MAX_TOKEN_BYTES = 256
+# The user fields a field-change event carries; bounded for the same reason.
+MAX_FIELDS_BYTES = 512 * 1024
+# Lytics batches hold hundreds of users. A 10 MiB body of 3 million empty objects would otherwise
+# become 3 million dead letters (minutes of work for one request); it is kept whole instead.
+MAX_BATCH_RECORDS = 10_000
 _EVENTS = {"enter": "enter", "entered": "enter", "exit": "exit", "exited": "exit", "change": "change"}
 
 
@@ -59,6 +67,20 @@ class _Reject(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: reasons travel in Kafka headers."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _token(value: Any, what: str) -> str:
+    text = str(value).strip()
+    size = len(text.encode(errors="replace"))
+    if size > MAX_TOKEN_BYTES:
+        raise _Reject("field_too_large", f"{what} has {size} bytes (limit {MAX_TOKEN_BYTES})")
+    return text
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -156,6 +178,22 @@ def _fallback_time(record: dict[str, Any], received_at: datetime) -> tuple[datet
     return received_at, "received"
 
 
+def _bounded_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The user fields a field-change event carries, if they can travel in one segment event."""
+    fields = {k: v for k, v in data.items() if k != "segment_events"}
+    try:
+        size = len(orjson.dumps(fields))
+    except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson writes (254 levels)
+        raise _Reject("field_too_large", f"the user's fields cannot be re-encoded: {exc}") from None
+    if size > MAX_FIELDS_BYTES:
+        raise _Reject(
+            "field_too_large",
+            f"the user's fields take {size} bytes (limit {MAX_FIELDS_BYTES}): export fewer or smaller "
+            "fields in the Lytics webhook job",
+        )
+    return fields
+
+
 def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
     """The segment events of one Lytics user record; raises ``_Reject`` when it cannot be used."""
     if not isinstance(record, dict):
@@ -169,7 +207,9 @@ def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
     fallback, fallback_source = _fallback_time(record, ctx.received_at)
     user_id = record.get("id")
     lytics_user_id = (
-        str(user_id) if isinstance(user_id, str | int) and not isinstance(user_id, bool) else None
+        _token(user_id, "the record's 'id'")
+        if isinstance(user_id, str | int) and not isinstance(user_id, bool)
+        else None
     )
     fields: dict[str, Any] | None = None
     parsed: list[tuple[str, str | None, str, datetime, str]] = []
@@ -180,28 +220,31 @@ def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
         if kind is None:
             raise _Reject(
                 "bad_segment_event",
-                f"segment_events[{position}].event is {se.get('event')!r}; expected enter, exit or change",
+                f"segment_events[{position}].event is {_show(se.get('event'))}; "
+                "expected enter, exit or change",
             )
         audience = se.get("id")
         if not isinstance(audience, str | int) or isinstance(audience, bool) or not str(audience).strip():
             raise _Reject("bad_segment_event", f"segment_events[{position}] has no audience id ('id')")
         slug = se.get("slug")
+        if isinstance(slug, str):
+            _token(slug, f"segment_events[{position}].slug")  # size only: the slug is kept as sent
         if kind == "change":
             when, when_source = fallback, fallback_source
             if fields is None:
-                fields = {k: v for k, v in data.items() if k != "segment_events"}
+                fields = _bounded_fields(data)
         elif kind in se:
             stamp = parse_time(se[kind])
             if stamp is None:
                 raise _Reject(
-                    "bad_timestamp", f"segment_events[{position}].{kind} is not a timestamp: {se[kind]!r}"
+                    "bad_timestamp",
+                    f"segment_events[{position}].{kind} is not a timestamp: {_show(se[kind])}",
                 )
             when, when_source = stamp, "segment_event"
         else:
             when, when_source = fallback, fallback_source
-        parsed.append(
-            (str(audience).strip(), slug if isinstance(slug, str) else None, kind, when, when_source)
-        )
+        audience_id = _token(audience, f"segment_events[{position}].id")
+        parsed.append((audience_id, slug if isinstance(slug, str) else None, kind, when, when_source))
     for ident in idents:
         for audience_id, slug, kind, when, when_source in parsed:
             yield {
@@ -234,10 +277,19 @@ def split_body(body: bytes, ctx: Context) -> Split:
     records = parsed if batch else [parsed]
     if batch and not records:
         out.rejected.append(Rejected("empty_batch", "the body is an empty JSON array", None, body))
+    if len(records) > MAX_BATCH_RECORDS:
+        reason = f"the batch holds {len(records)} records (limit {MAX_BATCH_RECORDS}): send smaller batches"
+        out.rejected.append(Rejected("batch_too_large", reason, None, body))
+        return out
     for index, record in enumerate(records):
         try:
             out.events.extend(split_record(record, ctx))
         except _Reject as rej:
-            original = orjson.dumps(record) if batch else body
-            out.rejected.append(Rejected(rej.code, rej.reason, index if batch else None, original))
+            reason, original = rej.reason, body
+            if batch:
+                try:
+                    original = orjson.dumps(record)
+                except orjson.JSONEncodeError:  # deeper than orjson writes: keep the whole body
+                    reason += " (the element cannot be re-encoded alone; the whole batch is kept)"
+            out.rejected.append(Rejected(rej.code, reason, index if batch else None, original))
     return out

@@ -44,7 +44,16 @@ def run_worker(settings: Settings) -> None:
     data_dir = settings.worker_data_dir / app_id(settings)
     prepare_data_dir(data_dir)
     app = create_app(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
+    # override_logging=False keeps the JSON root handler of audience_relay.logs: faust's default
+    # replaces it with coloured text lines on stdout.
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level.lower(),
+        quiet=True,
+        redirect_stdouts=False,
+        override_logging=False,
+    )
+    worker.spinner = None  # a terminal spinner writes escape codes into the (JSON) log stream
     clean = False
     try:
         worker.execute_from_commandline()

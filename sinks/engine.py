@@ -46,7 +46,19 @@ def backoff(attempt: int, cap: float, base: float = 0.2, rng: random.Random | No
 
 
 def group_id(settings: Settings, destination: str) -> str:
+    """The consumer group of the sink ``destination``."""
     return f"{settings.topic_prefix}.sink.{destination}"
+
+
+def correlation(changes: list[dict[str, Any]], limit: int = 20) -> dict[str, Any]:
+    """Log fields naming the changes of a batch: their change ids and the ingress request ids.
+
+    At most ``limit`` of each, so a 300-change batch stays one readable line; ``records`` gives
+    the full count.
+    """
+    change_ids = [str(c.get("change_id", "")) for c in changes[:limit]]
+    request_ids = list(dict.fromkeys(str(c.get("request_id", "")) for c in changes if c.get("request_id")))
+    return {"records": len(changes), "change_ids": change_ids, "request_ids": request_ids[:limit]}
 
 
 class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -87,6 +99,8 @@ class SinkEngine:
         self._consumer: AIOKafkaConsumer | None = None
         self._dead_letters: AIOKafkaProducer | None = None
         self.delivered = 0
+        #: True while the consumer is connected and consuming (the sink's readiness).
+        self.running = False
         # A Retry-After is about the destination, not one partition: no batch goes before this time.
         self._not_before = 0.0
 
@@ -109,6 +123,7 @@ class SinkEngine:
         await self._consumer.start()
         self._consumer.subscribe([self.topics.membership_changes], listener=_Revocations(self))
         log.info("sink started", extra={"sink": self.name, "group": group_id(s, self.name)})
+        self.running = True
         try:
             while not stop.is_set():
                 fetched = await self._consumer.getmany(timeout_ms=100)
@@ -120,6 +135,7 @@ class SinkEngine:
                 self._dispatch(now)
                 self._flow_control(now)
         finally:
+            self.running = False
             await self._drain()
             await self._consumer.stop()
             await self._dead_letters.stop()
@@ -157,6 +173,7 @@ class SinkEngine:
             elif len(buffer) < self.batch_size and tp in self._paused_at:
                 self._consumer.resume(tp)
                 metrics.PAUSED_SECONDS.labels(self.name).inc(now - self._paused_at.pop(tp))
+        metrics.PAUSED_PARTITIONS.labels(self.name).set(len(self._paused_at))
 
     async def _deliver(self, tp: TopicPartition, records: list[Record]) -> None:
         started = time.monotonic()
@@ -181,6 +198,11 @@ class SinkEngine:
                 metrics.RECORDS.labels(self.name, "delivered").inc(len(changes))
                 metrics.BATCH_SIZE.labels(self.name).observe(len(changes))
                 self.delivered += len(changes)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "batch delivered",
+                        extra={"sink": self.name, "partition": tp.partition, **correlation(changes)},
+                    )
                 break
             if isinstance(result, GiveUp):
                 metrics.DELIVERIES.labels(self.name, "dead_lettered").inc()
@@ -191,7 +213,7 @@ class SinkEngine:
                         "sink": self.name,
                         "status": result.status,
                         "reason": result.reason,
-                        "records": len(changes),
+                        **correlation(changes),
                     },
                 )
                 for record in records:
@@ -216,6 +238,7 @@ class SinkEngine:
                     "reason": result.reason,
                     "attempt": attempt,
                     "retry_in_s": round(delay, 3),
+                    **correlation(changes),
                 },
             )
             await asyncio.sleep(delay)  # the backoff itself, not a wait on a condition
@@ -268,7 +291,10 @@ class SinkEngine:
                     await task
             self._buffers.pop(tp, None)
             self._oldest.pop(tp, None)
-            self._paused_at.pop(tp, None)
+            paused_at = self._paused_at.pop(tp, None)
+            if paused_at is not None:
+                metrics.PAUSED_SECONDS.labels(self.name).inc(time.monotonic() - paused_at)
+        metrics.PAUSED_PARTITIONS.labels(self.name).set(len(self._paused_at))
 
     async def _drain(self) -> None:
         """On shutdown: let in-flight batches finish (bounded), so their offsets are committed."""

@@ -1,6 +1,6 @@
 """Prometheus metrics of the sinks."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 DELIVERIES = Counter(
     "relay_sink_deliveries_total", "Batches by destination and outcome", ["destination", "outcome"]
@@ -22,3 +22,6 @@ LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 PAUSED_SECONDS = Counter("relay_sink_paused_seconds_total", "Time partitions spent paused", ["destination"])
+PAUSED_PARTITIONS = Gauge(
+    "relay_sink_paused_partitions", "Partitions paused now (destination behind)", ["destination"]
+)

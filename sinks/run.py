@@ -13,11 +13,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tqdm import tqdm
 
 from audience_relay.kafkautil import end_offsets
+from audience_relay.lag import LagMonitor
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks.base import Delivered, GiveUp
 from sinks.destinations import build
-from sinks.engine import SinkEngine, backoff
+from sinks.engine import SinkEngine, backoff, group_id
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -45,30 +46,42 @@ def secret_variants(secrets: list[str]) -> list[str]:
     return sorted((v for v in variants if v), key=len, reverse=True)
 
 
+def build_engine(settings: Settings, name: str) -> SinkEngine:
+    """The delivery engine of the sink ``name``."""
+    destination, batch_size, flush_seconds, concurrency = build(name, settings)
+    return SinkEngine(settings, destination, batch_size, flush_seconds, concurrency, secrets_of(settings))
+
+
 async def serve(settings: Settings, name: str, stop: asyncio.Event) -> SinkEngine:
     """Run the sink ``name`` until ``stop`` is set."""
-    destination, batch_size, flush_seconds, concurrency = build(name, settings)
-    engine = SinkEngine(settings, destination, batch_size, flush_seconds, concurrency, secrets_of(settings))
+    engine = build_engine(settings, name)
     await engine.run(stop)
     return engine
 
 
-async def _web(settings: Settings) -> web.AppRunner:
-    """``/healthz`` and ``/metrics`` of a sink process on ``RELAY_SINK_WEB_PORT``."""
+def web_app(engine: SinkEngine) -> web.Application:
+    """The sink's web routes on ``RELAY_SINK_WEB_PORT``.
+
+    ``/healthz`` (liveness: the event loop answers), ``/readyz`` (the consumer is connected and
+    consuming; a sink with no partition assigned is still ready: it is an idle standby member) and
+    ``/metrics`` (Prometheus).
+    """
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        ok = engine.running
+        return web.json_response({"status": "ready" if ok else "not_ready"}, status=200 if ok else 503)
 
     async def metrics_view(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, settings.worker_web_host, settings.sink_web_port).start()
-    return runner
+    return app
 
 
 def run_sink(settings: Settings, name: str) -> None:
@@ -79,10 +92,23 @@ def run_sink(settings: Settings, name: str) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        runner = await _web(settings)
+        engine = build_engine(settings, name)
+        runner = web.AppRunner(web_app(engine), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.worker_web_host, settings.sink_web_port).start()
+        topics = TopicNames.from_settings(settings)
+        lag = LagMonitor(
+            settings.kafka_bootstrap_servers,
+            group_id(settings, name),
+            [topics.membership_changes],
+            settings.lag_interval_seconds,
+        )
+        lag_task = asyncio.create_task(lag.run(stop), name="consumer-lag")
         try:
-            await serve(settings, name, stop)
+            await engine.run(stop)
         finally:
+            stop.set()
+            await lag_task
             await runner.cleanup()
 
     asyncio.run(main())

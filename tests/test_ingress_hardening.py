@@ -313,7 +313,12 @@ async def test_every_non_public_route_requires_credentials(kafka_bootstrap: str)
         checked = 0
         async with aiohttp.ClientSession() as http:
             for method, path in routes:
-                async with http.request(method, ingress.url + path, data=b"{}") as resp:
+                # /oauth/token gets a well-formed grant request, only without client credentials.
+                body = b"grant_type=client_credentials" if path == "/oauth/token" else b"{}"
+                kind = "application/x-www-form-urlencoded" if path == "/oauth/token" else "application/json"
+                async with http.request(
+                    method, ingress.url + path, data=body, headers={"Content-Type": kind}
+                ) as resp:
                     text = await resp.text()
                     if path in PUBLIC_ROUTES and path != "/oauth/token":
                         assert resp.status != 401, (method, path)

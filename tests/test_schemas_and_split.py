@@ -245,3 +245,67 @@ def test_generated_variants_of_every_format(
         assert (event["audience_id"], event["event"]) == ("aud1", kind)
         assert event["event_time"] == datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
     assert len({e["event_id"] for e in events}) == 1  # same content, same id
+
+
+def _deep(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def test_a_rejected_batch_element_too_deep_to_re_encode_keeps_the_whole_body() -> None:
+    # Regression (fuzz): orjson writes at most 254 levels, so re-encoding such an element raised and
+    # the worker dead-lettered the whole body as internal_error, losing the good elements' events.
+    good = _sample("default-format-enter.json")
+    body = b"[" + orjson.dumps(good) + b',{"data": {"x": ' + _deep(600) + b"}}]"
+    result = split_body(body, CTX)
+    assert [e["identifier"] for e in result.events] == ["user@example.com"]
+    [rej] = result.rejected
+    assert (rej.code, rej.index, rej.record) == ("missing_identifier", 1, body)
+    assert "whole batch" in rej.reason
+
+
+def test_field_change_fields_must_fit_in_a_segment_event() -> None:
+    # Regression (fuzz): a change event carried fields orjson could not write (the worker died on
+    # encoding it) or over the broker's record size (the send failed and the worker exited).
+    for extra, phrase in [(orjson.loads(_deep(600)), "cannot be re-encoded"), ("x" * 600_000, "bytes")]:
+        record = _sample("default-format-field-change.json")
+        record["data"]["x"] = extra
+        body = orjson.dumps(record) if isinstance(extra, str) else None
+        if body is None:  # too deep for orjson.dumps: splice the text in
+            record["data"]["x"] = "DEEP"
+            body = orjson.dumps(record).replace(b'"DEEP"', _deep(600))
+        result = split_body(body, CTX)
+        assert result.events == []
+        [rej] = result.rejected
+        assert rej.code == "field_too_large" and phrase in rej.reason
+
+
+@pytest.mark.parametrize("where", ["audience", "slug", "user-id"])
+def test_oversized_tokens_are_rejected_not_sent(where: str) -> None:
+    record = _sample("default-format-enter.json")
+    huge = "a" * 5000
+    if where == "audience":
+        record["data"]["segment_events"][0]["id"] = huge
+    elif where == "slug":
+        record["data"]["segment_events"][0]["slug"] = huge
+    else:
+        record["id"] = huge
+    result = split_body(orjson.dumps(record), CTX)
+    assert result.events == [] and [r.code for r in result.rejected] == ["field_too_large"]
+
+
+def test_reasons_stay_short_whatever_the_value() -> None:
+    # Reasons travel in Kafka headers: a 2 MB bad value must not make a 2 MB header.
+    for field, value in [("event", "e" * 2_000_000), ("enter", "t" * 2_000_000)]:
+        record = _sample("default-format-enter.json")
+        record["data"]["segment_events"][0][field] = value
+        [rej] = split_body(orjson.dumps(record), CTX).rejected
+        assert len(rej.reason) < 300
+
+
+def test_a_batch_of_millions_of_records_is_kept_whole_as_one_dead_letter() -> None:
+    # Found adding the fuzz corpus's 10 MB body of empty objects: 3 million dead letters for one request.
+    body = b"[" + b"{}," * 2_000_000 + b"{}]"
+    result = split_body(body, CTX)
+    assert result.events == []
+    [rej] = result.rejected
+    assert (rej.code, rej.index, rej.record) == ("batch_too_large", None, body)
