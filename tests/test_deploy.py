@@ -114,27 +114,15 @@ def _paths(router: Any) -> set[str]:
     return {r.resource.canonical for r in router.routes() if r.method == "GET" and r.resource is not None}
 
 
-def ingress_metrics_port(settings: Settings) -> int:
-    """The port of the ingress's /metrics.
-
-    RELAY_INGRESS_METRICS_PORT (default 9102) is added by another branch; until it is merged the
-    deploy files already use its default, and this falls back to that default.
-    """
-    return int(getattr(settings, "ingress_metrics_port", PENDING_INGRESS_METRICS_PORT))
-
-
-PENDING_INGRESS_METRICS_PORT = 9102
-
-
 def served(component: Component, settings: Settings) -> dict[int, set[str]]:
     """Port → GET paths the component serves with ``settings``."""
     if component.kind == "ingress":
-        from ingress.app import build_app
+        from ingress.app import build_app, build_ops_app
 
-        routes: dict[int, set[str]] = {settings.ingress_port: _paths(build_app(settings).router)}
-        # /metrics is served on a port of its own, RELAY_INGRESS_METRICS_PORT (checked for real on
-        # a running ingress in test_a_running_ingress_answers_its_probes_and_scrape).
-        routes.setdefault(ingress_metrics_port(settings), set()).add("/metrics")
+        app = build_app(settings)
+        routes: dict[int, set[str]] = {settings.ingress_port: _paths(app.router)}
+        # The operations port (RELAY_INGRESS_METRICS_PORT) serves /metrics, /healthz and /readyz.
+        routes.setdefault(settings.ingress_metrics_port, set()).update(_paths(build_ops_app(app).router))
         return routes
     if component.kind == "worker":
         from processors.app import create_app
@@ -438,7 +426,7 @@ async def test_a_running_ingress_answers_its_probes_and_scrape(settings: Setting
         RELAY_INGRESS_PORT=str(port),
         RELAY_INGRESS_METRICS_PORT=str(metrics_port),
     )
-    moved = {ingress.settings.ingress_port: port, ingress_metrics_port(ingress.settings): metrics_port}
+    moved = {ingress.settings.ingress_port: port, ingress.settings.ingress_metrics_port: metrics_port}
     log = tmp_path / "ingress.log"
     proc = _spawn(ingress.spec["args"], env, log)
     try:
@@ -467,8 +455,6 @@ async def test_a_running_ingress_answers_its_probes_and_scrape(settings: Setting
                 assert r.status == 200, await r.text()
             notes = ingress.pod["metadata"]["annotations"]
             scrape_port = moved[int(notes["prometheus.io/port"])]
-            if "ingress_metrics_port" not in Settings.model_fields:
-                scrape_port = port  # this branch predates RELAY_INGRESS_METRICS_PORT (see above)
             async with http.get(f"http://127.0.0.1:{scrape_port}{notes['prometheus.io/path']}") as r:
                 assert r.status == 200
                 assert 'relay_ingress_requests_total{route="/v1/lytics",source="default",status="200"}' in (
