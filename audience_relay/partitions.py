@@ -14,14 +14,21 @@ state lives in two keyed, compacted topics whose placement the processors rely o
 So ``apply`` raises the partition counts and then moves every live key of those two topics to its new
 partition: the latest value is written to the new partition first (header ``relay-moved-from``) and,
 once acknowledged, a tombstone to the old one (header ``relay-moved-to``; it means "moved", not
-"deleted"). The rest is refused rather than handled:
+"deleted").
 
-- unprocessed segment events (lag of the processors' group) were placed by the old hash and would be
-  applied against the wrong partition's state: the group must have no members and no lag there;
-- every consumer group reading ``membership-changes`` (the sinks) or ``membership`` must be stopped and
-  drained: history stays on the old partitions, new changes of a key go to its new partition, and
-  a reader still behind on the old one would see that key's changes out of order. Once drained,
-  nothing is reordered (readers start new partitions at the earliest offset).
+Segment events the processors have not processed yet were placed by the old hash and would be applied
+against the wrong partition's state: ``apply`` copies them, in order, to their new partitions and
+commits their old offsets for the processors' group (a copy made twice by an interrupted run is a
+duplicate event, which the table ignores). So workers may be stopped at any moment, without draining.
+
+The rest is refused rather than handled:
+
+- any active member of the processors' group or of a group reading the changed keyed topics;
+- every consumer group reading ``membership-changes`` (the sinks) or ``membership`` must have read
+  everything: history stays on the old partitions, new changes of a key go to its new partition, and
+  a reader still behind on the old one would see that key's changes out of order (each sink group has
+  its own position, so moving unread changes would repeat them for the others). Once drained, nothing
+  is reordered (readers start new partitions at the earliest offset).
 
 Raw webhooks and dead letters carry no key and no per-key order, so nothing moves there; they are
 raised too (``raw``: the split agent scales with workers only up to its partition count; both: every
@@ -268,11 +275,10 @@ def check(settings: Settings, topics: list[Topic], state: ClusterState, to: int)
                     f"{g.name} has {lag} raw webhooks to split: fine, they are split after the move"
                 )
             elif g.name == group:
-                current = state.counts.get(topic, 0)
-                v.errors.append(
-                    f"{g.name} has {lag} unprocessed records in {topic}: they were placed by the old "
-                    f"hash; run the workers (RELAY_PARTITIONS={current}) until the lag is 0, stop them, "
-                    "then try again"
+                v.notes.append(
+                    f"{g.name} has {lag} unprocessed segment events: apply moves them to their new "
+                    "partitions and commits their old offsets (a copy made twice by an interrupted run "
+                    "is a duplicate event, which the membership table ignores)"
                 )
             else:
                 v.errors.append(
@@ -504,7 +510,7 @@ async def raise_partitions(settings: Settings, counts: Mapping[str, int], to: in
 
 async def _send_all(
     producer: AIOKafkaProducer,
-    items: Iterable[tuple[str, int, bytes, bytes | None, list[tuple[str, bytes]]]],
+    items: Iterable[tuple[str, int, bytes | None, bytes | None, list[tuple[str, bytes]]]],
     bar: tqdm,
 ) -> int:
     """Send (topic, partition, key, value, headers) and wait for every acknowledgement."""
@@ -579,6 +585,68 @@ async def move_keys(settings: Settings, topic: Topic, partitions: int, progress:
     finally:
         await producer.stop()
         await consumer.stop()
+    return moved
+
+
+async def move_pending_events(settings: Settings, partitions: int, progress: bool) -> int:
+    """Re-place segment events the processors have not processed yet; returns how many were copied.
+
+    For each partition with uncommitted events of which some belong elsewhere now, every uncommitted
+    event is copied, in order, to ``partition_for(key)`` (possibly this same partition, at its end, so
+    one key's events keep their order), and then the processors' group commits the partition's old end.
+    A crash between the two copies some events twice: a repeated event changes nothing in the table
+    (``processors.membership.apply_event``), so it emits nothing either.
+    """
+    topic = TopicNames.from_settings(settings).segment_events
+    group = processors_group(settings)
+    admin = _admin(settings)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    reader, committer = (
+        _consumer(settings),
+        AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group, enable_auto_commit=False
+        ),
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True, linger_ms=10
+    )
+    moved = 0
+    await reader.start()
+    await committer.start()
+    await producer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        ends = await reader.end_offsets(tps)
+        starts = await reader.beginning_offsets(tps)
+        with tqdm(unit="event", desc=f"move unprocessed {topic}", disable=not progress) as bar:
+            for tp in tps:
+                meta = committed.get(tp)
+                begin = meta.offset if meta is not None and meta.offset >= 0 else starts[tp]
+                if begin >= ends[tp]:
+                    continue
+                reader.assign([tp])
+                reader.seek(tp, begin)
+                pending: list[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+                while await reader.position(tp) < ends[tp]:
+                    got = await reader.getmany(tp, timeout_ms=1000)
+                    for r in got.get(tp, []):
+                        if r.offset < ends[tp]:
+                            target = tp.partition if r.key is None else partition_for(r.key, partitions)
+                            pending.append((target, r.key, r.value, list(r.headers or ())))
+                if all(target == tp.partition for target, *_ in pending):
+                    continue  # already where their key belongs: processed in place
+                await _send_all(producer, ((topic, t, k, v, h) for t, k, v, h in pending), bar)
+                committer.assign([tp])
+                await committer.commit({tp: ends[tp]})
+                moved += len(pending)
+    finally:
+        await producer.stop()
+        await committer.stop()
+        await reader.stop()
     return moved
 
 
@@ -660,6 +728,9 @@ async def apply(settings: Settings, to: int, out: IO[str], progress: bool = True
     raised = await raise_partitions(settings, state.counts, to)
     print(f"partitions raised to {to}: {', '.join(raised) if raised else 'already done'}", file=out)
     moved: dict[str, Moved] = {}
+    events = await move_pending_events(settings, to, progress)
+    if events:
+        print(f"unprocessed segment events moved to their new partitions: {events}", file=out)
     for topic in topics:
         if topic.role == "state":
             moved[topic.name] = await move_keys(settings, topic, to, progress)

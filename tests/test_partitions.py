@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -81,8 +81,10 @@ def test_check_refusals_and_resume() -> None:
     missing = parts.ClusterState({t.name: 4 for t in topics[:-1]}, [], None)
     assert "does not exist" in parts.check(s, topics, missing, 12).errors[0]
     busy = parts.Group(f"{s.topic_prefix}-processors", 2, {names.segment_events: 5, names.raw: 9})
-    errors = parts.check(s, topics, _state(s, 4, groups=[busy]), 12).errors
-    assert len(errors) == 2 and "2 active member" in errors[0] and "5 unprocessed" in errors[1]
+    verdict = parts.check(s, topics, _state(s, 4, groups=[busy]), 12)
+    assert len(verdict.errors) == 1 and "2 active member" in verdict.errors[0]
+    assert any("5 unprocessed segment events: apply moves them" in n for n in verdict.notes)
+    assert any("9 raw webhooks to split" in n for n in verdict.notes)
     sink = parts.Group(f"{s.topic_prefix}.sink.odp", 0, {names.membership_changes: 3})
     assert "3 records behind" in parts.check(s, topics, _state(s, 4, groups=[sink]), 12).errors[0]
     started = {"state": "started", "to": 12, "started_at": "t"}
@@ -358,8 +360,8 @@ async def test_apply_refuses_bad_input_and_busy_groups(kafka_bootstrap: str, tmp
     result = cli(nowhere, "partitions", "plan", "--to", "6", "--quiet")
     assert result.returncode == parts.EXIT_REFUSED and "does not exist" in result.stdout
 
-    # An unprocessed segment event (the processors' group never committed it) and a sink behind.
-    await send_events(settings, segment_events(range(1)))
+    # A sink reading, and behind.
+    await send_events(settings, segment_events(range(1)))  # unprocessed: a note, not a refusal
     await produce_all(kafka_bootstrap, names.membership_changes, [(b"k", b"{}", [])])
     sink = AIOKafkaConsumer(
         names.membership_changes,
@@ -375,7 +377,7 @@ async def test_apply_refuses_bad_input_and_busy_groups(kafka_bootstrap: str, tmp
         await sink.stop()
     assert result.returncode == parts.EXIT_REFUSED
     assert f"{settings.topic_prefix}.sink.pushly has 1 active member(s)" in result.stdout
-    assert f"has 1 unprocessed records in {names.segment_events}" in result.stdout
+    assert "1 unprocessed segment events: apply moves them" in result.stdout
     assert f"{settings.topic_prefix}.sink.pushly is 1 records behind" in result.stdout
     after = await sizes(settings)
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}  # counts unchanged
@@ -446,3 +448,49 @@ def test_local_table_is_rebuilt_for_another_partition_count(tmp_path: Path) -> N
     (data / "membership-0.db").mkdir()
     (data / CLEAN_MARKER).touch()
     assert prepare_data_dir(data, 12) is True
+
+
+async def test_unprocessed_segment_events_move_to_their_new_partitions(kafka_bootstrap: str) -> None:
+    settings = await small_deployment(kafka_bootstrap, users=10)
+    names = TopicNames.from_settings(settings)
+    group = parts.processors_group(settings)
+    # 600 events of 200 identifiers; the processors committed the first 100 records of each partition.
+    pending = (
+        segment_events(range(200))
+        + segment_events(range(200), "exit", 9)
+        + segment_events(range(200), "enter", 20)
+    )
+    await send_events(settings, pending)
+    committer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    await committer.start()
+    try:
+        tps = [TopicPartition(names.segment_events, p) for p in range(3)]
+        committer.assign(tps)
+        await committer.commit({tp: 100 for tp in tps})
+    finally:
+        await committer.stop()
+    old_ends = await end_offsets(kafka_bootstrap, names.segment_events)
+    before = await read_topic(kafka_bootstrap, names.segment_events)
+    unprocessed = [r for r in before if r.offset >= 100]
+
+    out = io.StringIO()
+    assert await parts.apply(settings, 6, out, progress=False) == 0, out.getvalue()
+    assert f"unprocessed segment events moved to their new partitions: {len(unprocessed)}" in out.getvalue()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    since = {p: committed[TopicPartition(names.segment_events, p)].offset for p in range(3)}
+    assert since == old_ends  # the old copies count as processed
+    # What the workers will read now: every unprocessed event once, on its key's new partition, and
+    # one key's events in their original order.
+    after = await read_topic(kafka_bootstrap, names.segment_events, since)
+    assert sorted(r.value for r in after) == sorted(r.value for r in unprocessed)
+    order: dict[bytes, list[bytes]] = defaultdict(list)
+    for r in after:
+        assert r.partition == parts.partition_for(r.key, 6)
+        order[r.key].append(r.value)
+    for r in sorted(unprocessed, key=lambda r: (r.partition, r.offset)):
+        assert order[r.key].pop(0) == r.value
