@@ -132,7 +132,7 @@ def managed_topics(settings: Settings) -> list[Topic]:
     names = TopicNames.from_settings(settings)
     return [
         Topic(names.raw, "unkeyed", "no key; lag is fine (split runs after the move, under the new hash)"),
-        Topic(names.segment_events, "keyed", "the table's input: must be fully processed first"),
+        Topic(names.segment_events, "keyed", "the table's input: unprocessed events move too"),
         Topic(names.dead_letter, "unkeyed", "no key, no order: raised to keep RELAY_PARTITIONS"),
         Topic(names.membership_changes, "keyed", "history stays; its readers must be drained first"),
         Topic(
@@ -274,11 +274,13 @@ def check(settings: Settings, topics: list[Topic], state: ClusterState, to: int)
                 v.notes.append(
                     f"{g.name} has {lag} raw webhooks to split: fine, they are split after the move"
                 )
+            elif g.name == group and v.done:
+                v.notes.append(f"{g.name} has {lag} segment events to process: the workers do so on start")
             elif g.name == group:
                 v.notes.append(
-                    f"{g.name} has {lag} unprocessed segment events: apply moves them to their new "
-                    "partitions and commits their old offsets (a copy made twice by an interrupted run "
-                    "is a duplicate event, which the membership table ignores)"
+                    f"{g.name} has {lag} unprocessed segment events: apply moves those not on their "
+                    "key's new partition there and commits their old offsets (a copy made twice by an "
+                    "interrupted run is a duplicate event, which the membership table ignores)"
                 )
             else:
                 v.errors.append(

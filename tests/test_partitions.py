@@ -83,7 +83,7 @@ def test_check_refusals_and_resume() -> None:
     busy = parts.Group(f"{s.topic_prefix}-processors", 2, {names.segment_events: 5, names.raw: 9})
     verdict = parts.check(s, topics, _state(s, 4, groups=[busy]), 12)
     assert len(verdict.errors) == 1 and "2 active member" in verdict.errors[0]
-    assert any("5 unprocessed segment events: apply moves them" in n for n in verdict.notes)
+    assert any("5 unprocessed segment events: apply moves those" in n for n in verdict.notes)
     assert any("9 raw webhooks to split" in n for n in verdict.notes)
     sink = parts.Group(f"{s.topic_prefix}.sink.odp", 0, {names.membership_changes: 3})
     assert "3 records behind" in parts.check(s, topics, _state(s, 4, groups=[sink]), 12).errors[0]
@@ -377,7 +377,7 @@ async def test_apply_refuses_bad_input_and_busy_groups(kafka_bootstrap: str, tmp
         await sink.stop()
     assert result.returncode == parts.EXIT_REFUSED
     assert f"{settings.topic_prefix}.sink.pushly has 1 active member(s)" in result.stdout
-    assert "1 unprocessed segment events: apply moves them" in result.stdout
+    assert "1 unprocessed segment events: apply moves those" in result.stdout
     assert f"{settings.topic_prefix}.sink.pushly is 1 records behind" in result.stdout
     after = await sizes(settings)
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}  # counts unchanged
