@@ -80,6 +80,26 @@ def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_partitions(args: argparse.Namespace, settings: Settings) -> int:
+    from aiokafka.errors import KafkaError
+
+    from audience_relay import partitions
+
+    run = partitions.plan if args.action == "plan" else partitions.apply
+    try:
+        return asyncio.run(run(settings, args.to, sys.stdout, progress=not args.quiet))
+    except KafkaError as exc:
+        print(f"error: Kafka at {settings.kafka_bootstrap_servers} failed: {exc!r}", file=sys.stderr)
+        return 1
+
+
+def _more_than_one(text: str) -> int:
+    value = int(text)
+    if not 2 <= value <= 10_000:
+        raise argparse.ArgumentTypeError("must be a partition count from 2 to 10000")
+    return value
+
+
 def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
     broker = _local_kafka(settings)
     try:
@@ -145,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = topics.add_parser("create", help="create every topic of the design (idempotent)")
     p.set_defaults(func=cmd_topics_create)
+
+    parts = sub.add_parser(
+        "partitions", help="raise the partition count, moving the membership state (docs/partitions.md)"
+    ).add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("plan", "print what apply would do and every check that fails; changes nothing"),
+        ("apply", "raise the counts and move every key; safe to run again after an interruption"),
+    ):
+        p = parts.add_parser(action, help=text)
+        p.add_argument("--to", required=True, type=_more_than_one, help="the new partition count")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=cmd_partitions)
 
     p = sub.add_parser("kafka", help="a local single-node Apache Kafka from Maven Central jars")
     p.add_argument("action", choices=["fetch", "start", "stop", "status", "wipe"])
