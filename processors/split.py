@@ -70,9 +70,20 @@ class _Reject(Exception):
 
 
 def _show(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters: reasons travel in Kafka headers."""
+    """A short description of ``value`` for a reason (reasons travel in Kafka headers).
+
+    Containers are described, never ``repr``-ed: a deeply nested one would raise RecursionError
+    and a large one would cost its whole size before being cut.
+    """
+    if isinstance(value, dict):
+        return f"an object with {len(value)} keys"
+    if isinstance(value, list):
+        return f"an array of {len(value)} elements"
+    if isinstance(value, str):
+        text = repr(value[:limit])
+        return text if len(value) <= limit else f"{text}… ({len(value)} characters)"
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+    return text if len(text) <= limit else f"{text[:limit]}…"
 
 
 def _token(value: Any, what: str) -> str:
@@ -216,7 +227,8 @@ def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
     for position, se in enumerate(raw_events):
         if not isinstance(se, dict):
             raise _Reject("bad_segment_event", f"segment_events[{position}] is not an object")
-        kind = _EVENTS.get(str(se.get("event", "")).strip().lower())
+        event = se.get("event")
+        kind = _EVENTS.get(event.strip().lower()) if isinstance(event, str) else None
         if kind is None:
             raise _Reject(
                 "bad_segment_event",

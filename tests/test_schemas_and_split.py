@@ -309,3 +309,17 @@ def test_a_batch_of_millions_of_records_is_kept_whole_as_one_dead_letter() -> No
     assert result.events == []
     [rej] = result.rejected
     assert (rej.code, rej.index, rej.record) == ("batch_too_large", None, body)
+
+
+@pytest.mark.parametrize("field", ["event", "enter"])
+def test_a_deeply_nested_segment_event_field_is_a_clear_reject(field: str) -> None:
+    # Regression (fuzz, seed 20261123): str()/repr() of a value nested ~900 deep raised
+    # RecursionError in the split agent, so the body went to dead-letter as internal_error.
+    record = _sample("default-format-enter.json")
+    record["data"]["segment_events"][0][field] = "DEEP"
+    body = orjson.dumps(record).replace(b'"DEEP"', _deep(900))
+    result = split_body(body, CTX)
+    assert result.events == []
+    [rej] = result.rejected
+    expected = {"event": "bad_segment_event", "enter": "bad_timestamp"}[field]
+    assert rej.code == expected and "an array of 1 elements" in rej.reason
