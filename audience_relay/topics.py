@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -87,6 +88,23 @@ class TopicResult:
     created: bool
 
 
+async def _described_counts(
+    admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0
+) -> dict[str, int]:
+    """Partition count per topic, once the broker's metadata shows every one of ``names``.
+
+    A topic just created can be described with no partitions (or an error) for a moment, until
+    the controller's metadata reaches the broker that answers.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        described = await admin.describe_topics(names)
+        counts = {d["topic"]: len(d["partitions"]) for d in described if not d["error_code"]}
+        if all(counts.get(n, 0) > 0 for n in names) or asyncio.get_running_loop().time() > deadline:
+            return counts
+        await asyncio.sleep(0.1)
+
+
 async def create_topics(settings: Settings) -> list[TopicResult]:
     """Create every missing topic; report existing ones with their partition count."""
     admin = AIOKafkaAdminClient(
@@ -115,8 +133,7 @@ async def create_topics(settings: Settings) -> list[TopicResult]:
             except TopicAlreadyExistsError:
                 # Another process created some of them between our list and create: fine.
                 created = set()
-        described = await admin.describe_topics([s.name for s in specs])
-        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        counts = await _described_counts(admin, [s.name for s in specs])
         results = [TopicResult(s.name, counts.get(s.name, 0), s.name in created) for s in specs]
         for r in results:
             if not r.created and r.partitions != settings.partitions:
