@@ -13,3 +13,8 @@ LATENCY = Histogram(
     "From a segment event being produced to its membership batch being applied",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+OFFSET_GUARD = Counter(
+    "relay_processor_offset_guard_total",
+    "Times the offset guard stopped faust from reading or committing past an undelivered record",
+    ["action"],
+)
