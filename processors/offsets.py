@@ -1,32 +1,35 @@
-"""A guard around faust 0.15's consumer offsets: nothing is read or committed past an undelivered record.
+"""A guard around faust 0.15's consumer offsets: nothing is read or committed past an unprocessed record.
 
-faust's fetch loop (``Consumer._drain_messages``) hands each record to the streams while also waiting
-for a rebalance to suspend the flow, and then records the record's offset as *read* whether or not
-the hand-off finished. A record whose hand-off was cut (its stream buffer was full when the
-rebalance began), or one fetched before a seek and handed off after it, moves the read offset ahead
-of what the streams got; records refetched below it are then dropped as "already read". Commits do
-not catch it: faust commits the first run of consecutive acknowledged offsets, and only refuses a
-run that starts *two or more* past the committed offset (and checks nothing while no offset was
-committed yet), so a single skipped record per partition is committed over and lost.
+faust's fetch loop (``Consumer._drain_messages``) takes a record from a fetched batch, may await its
+periodic commit, hands the record to the streams (racing a rebalance's flow stop) and then marks its
+offset *read* whether or not the hand-off finished. A record fetched before a rebalance's seek back to
+the committed offset and handed off after it (reproduced in tests/test_offset_guard.py: the loop held
+its record at that commit while a worker joined and left) moves the read offset far ahead of the
+seek; every refetched record below it is then dropped as "already read" and never processed. Commits
+do not make up for it: faust commits the first run of consecutive acknowledged offsets and declines
+only a run that starts *two or more* past the committed offset (nothing at all while no offset is
+known, e.g. during the commit a rebalance makes after forgetting the partition's offsets), so one
+skipped record per partition is committed over and lost, and a longer skip stalls the commit.
 
 ``GuardedConsumer`` plugs in through faust's transport registry (the ``relaykafka://`` broker scheme
-selects ``Transport`` below) and adds three checks, none of which change faust's own code:
+selects ``Transport`` below; no faust code is changed or copied) and adds three checks:
 
-1. **hand-off**: the consumer's callback is wrapped so the fetch loop's "read" mark for a record is
-   kept only when its hand-off to the streams completed;
-2. **stale records**: every seek (faust's seek to committed offsets after a rebalance included) and
-   every flow stop start a new epoch; a record fetched in an older epoch is not handed off, and the
-   fetch loop stops iterating a batch from an older epoch;
-3. **commit continuity**: an offset is committed only when the acknowledged run starts exactly at
-   the committed offset (or, before the first commit, at the partition's first offset). When it does
-   not, the missing record was never processed: the commit is refused and the partition is sought
-   back to the committed offset, so the record is fetched and processed again (at-least-once; the
-   membership table makes a repeated event a no-op).
+1. **hand-off**: the consumer's callback is wrapped so the fetch loop's read mark for a record is
+   refused unless its hand-off to the streams finished (a cut hand-off is fetched again);
+2. **stale records**: a rebalance (flow stop, seek to the committed offsets) and any seek of a
+   partition start a new epoch; a stream record fetched in an older epoch than its partition's is
+   neither handed off nor marked read (changelog records are left to faust's table recovery);
+3. **commit continuity**: the guard keeps, per partition and across rebalances, the offset the next
+   commit must start at and every offset acknowledged from there (faust's own bookkeeping is reset
+   at each rebalance). A commit is refused when a record below it was never acknowledged, and the
+   partition is sought back to that record, so it is processed (at-least-once: a repeated segment
+   event finds its state already applied and emits nothing).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -106,6 +109,8 @@ class GuardedConsumer(AIOKafkaConsumer):
         self._done: defaultdict[TP, set[int]] = defaultdict(set)
         #: Partitions whose commit was refused, and the offset to seek them back to.
         self._holes: dict[TP, int] = {}
+        #: The last seek back per partition: (offset, when).
+        self._sought: dict[TP, tuple[int, float]] = {}
         inner = self.callback
 
         def hand_off(message: Message) -> Awaitable[None]:
@@ -135,7 +140,7 @@ class GuardedConsumer(AIOKafkaConsumer):
         self._handing = None
         metrics.OFFSET_GUARD.labels("cut_hand_off").inc()
         log.warning(
-            "hand-off of %s@%d cut (rebalance while its stream buffer was full): "
+            "hand-off of %s@%d not done (cut by a rebalance, or fetched before a seek): "
             "not marking it read, it will be fetched again",
             _tp(tp),
             offset,
@@ -224,11 +229,21 @@ class GuardedConsumer(AIOKafkaConsumer):
     def _new_offset(self, tp: TP) -> int | None:
         expected = self._expected.get(tp)
         limit = None if expected is None else self._processed_up_to(tp, expected)
+        acked = self._acked.get(tp)
+        if limit is not None and acked and min(acked) > limit:
+            # Later records were acknowledged but the one at ``limit`` never was: it was skipped.
+            # (faust itself declines this commit only when the skip is two or more records.)
+            self._refuse(tp, min(acked), limit)
+            return None
         proposed: int | None = super()._new_offset(tp)
-        if proposed is None or limit is None or proposed <= limit:
-            self._holes.pop(tp, None)
-            return proposed
-        if self._holes.get(tp) != limit:
+        if proposed is not None and limit is not None and proposed > limit:
+            self._refuse(tp, proposed, limit)
+            return None
+        self._holes.pop(tp, None)
+        return proposed
+
+    def _refuse(self, tp: TP, proposed: int, limit: int) -> None:
+        if self._holes.get(tp) != limit and self._sought.get(tp, (None, 0.0))[0] != limit:
             metrics.OFFSET_GUARD.labels("commit_refused").inc()
             log.warning(
                 "refusing to commit %s at %d: offset %d was never processed (read up to %s); seeking back",
@@ -253,14 +268,19 @@ class GuardedConsumer(AIOKafkaConsumer):
         if not self._holes or self.app.rebalancing or not self.flow_active:
             return
         assignment = self.assignment()
+        now = time.monotonic()
         for tp, offset in list(self._holes.items()):
-            del self._holes[tp]
-            if tp in assignment:
-                metrics.OFFSET_GUARD.labels("seek_back").inc()
-                log.warning("seeking %s back to %d to fetch it again", _tp(tp), offset)
-                self._epoch += 1
-                # seek_wait runs in the consumer's thread (faust's plain seek does not, and races it).
-                await self.seek_wait({tp: offset})
+            if tp not in assignment:
+                del self._holes[tp]
+                continue
+            if self._sought.get(tp, (None, 0.0))[0] == offset and now - self._sought[tp][1] < 1.0:
+                continue  # the last seek back to it is under way
+            self._sought[tp] = (offset, now)
+            metrics.OFFSET_GUARD.labels("seek_back").inc()
+            log.warning("seeking %s back to %d to fetch it again", _tp(tp), offset)
+            # seek_wait (overridden above: a new epoch for tp) runs in the consumer's thread;
+            # faust's plain seek does not, and races the fetch.
+            await self.seek_wait({tp: offset})
 
 
 def _tp(tp: TP) -> str:
