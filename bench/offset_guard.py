@@ -1,10 +1,12 @@
 """Reproduce faust 0.15's loss under rebalances with full stream buffers, with and without our guard.
 
-Runs the scenario of tests/test_rebalance.py (workers 1 → 3 → 2 while raw bodies keep arriving, so
-partitions move while stream buffers are full) ``--runs`` times with the offset guard off
-(``RELAY_OFFSET_GUARD=false``: faust's own consumer) and on, and prints per run the changes missing
-or doubled against the pure oracle, whether the changelog table equals the oracle's, and what the
-guard did (from the worker logs).
+First the deterministic reproduction of tests/test_offset_guard.py (a record held in faust's fetch
+loop across a real rebalance) with faust's consumer, the guarded one, and the guarded one with only
+its commit check. Then the scenario of tests/test_rebalance.py (workers 1 → 3 → 2 while raw bodies
+keep arriving, so partitions move while stream buffers are full), ``--runs`` times with the offset
+guard off (``RELAY_OFFSET_GUARD=false``: faust's own consumer) and on; per run it prints the changes
+missing or doubled against the pure oracle, whether the changelog table equals the oracle's, and
+what the guard did (from the worker logs).
 
     python -m bench.offset_guard [--runs 3] [--modes off,on]
 """
@@ -18,19 +20,19 @@ import tempfile
 from pathlib import Path
 
 from bench.common import broker
+from tests.test_offset_guard import RECORDS, run_window
 from tests.test_rebalance import join_and_leave_mid_stream
 
 GUARD_LINES = {
     "commit refused": re.compile(r"refusing to commit"),
     "seek back": re.compile(r"seeking .* back to"),
-    "cut hand-off": re.compile(r"hand-off of .* cut"),
+    "read mark refused": re.compile(r"hand-off of .* not done"),
     "stale record": re.compile(r"fetched before a seek"),
 }
-FAUST_DROPS = re.compile(r"DROPPED MESSAGE ROFF")
 
 
-def guard_actions(logs: Path) -> dict[str, int]:
-    text = "".join(p.read_text(errors="replace") for p in logs.glob("w*.log"))
+def guard_actions(logs: Path, pattern: str = "w*.log") -> dict[str, int]:
+    text = "".join(p.read_text(errors="replace") for p in logs.glob(pattern))
     return {name: len(rx.findall(text)) for name, rx in GUARD_LINES.items()}
 
 
@@ -44,6 +46,16 @@ async def main() -> None:
     args = parser.parse_args()
     totals: dict[str, list[int]] = {}
     with broker() as (bootstrap, _):
+        for guard in ("off", "on", "commit"):
+            tmp = Path(tempfile.mkdtemp(prefix=f"window-{guard}-"))
+            processed, committed, _ = await run_window(bootstrap, tmp, guard)
+            missing = sorted(set(range(RECORDS)) - processed)
+            print(
+                f"held record, guard {guard}: {len(missing)} of {RECORDS} records never processed"
+                + (f" (offsets {missing[0]}..{missing[-1]})" if missing else "")
+                + f", committed offset {committed}; guard: {guard_actions(tmp, 'parker.log')}",
+                flush=True,
+            )
         for mode in args.modes.split(","):
             for run in range(args.runs):
                 tmp = Path(tempfile.mkdtemp(prefix=f"guard-{mode}-"))
