@@ -207,6 +207,24 @@ async def test_workers_join_and_leave_mid_stream(kafka_bootstrap: str, tmp_path:
     assert out.doubled == [], f"{len(out.doubled)} changes doubled"
     assert out.wrong == [] and out.unexpected == []
     assert out.table_equal
+    # Standby replicas (RELAY_STANDBY_REPLICAS=1, the default) with RocksDB in separate data dirs:
+    # each of the two remaining workers keeps every partition, its own as active, the other's as standby.
+    for name in ("w1", "w3"):
+        tables = out.logs / f"{name}-data"
+        assert {p.name for p in tables.rglob("membership-*.db")} == {f"membership-{i}.db" for i in range(6)}
+
+
+def test_standby_replicas_and_guard_reach_faust() -> None:
+    from processors.app import create_app
+    from processors.offsets import GuardedConsumer
+
+    settings = make_settings("127.0.0.1:1", standby_replicas=2, worker_session_timeout_seconds=12)
+    app = create_app(settings)
+    assert app.conf.table_standby_replicas == 2
+    assert app.conf.broker_session_timeout == 12
+    assert app.transport.Consumer is GuardedConsumer
+    plain = create_app(make_settings("127.0.0.1:1", offset_guard=False))
+    assert plain.transport.Consumer is not GuardedConsumer
 
 
 async def _sent_at_least(stream: Stream, target: int) -> bool:
