@@ -200,14 +200,14 @@ class GuardedConsumer(AIOKafkaConsumer):
     # offset the next commit must start at, and the offsets acknowledged from there on.
 
     def _record_ack(self, tp: TP, offset: int) -> None:
-        if offset >= self._expected.get(tp, 0):
-            self._done[tp].add(offset)
+        self._done[tp].add(offset)  # pruned below the committed offset at each commit
 
     async def _learn_start_offsets(self) -> None:
         """After a seek to the committed offsets: where each partition's acknowledged run must start."""
         tps = [tp for tp in self.assignment() if not self._is_changelog_tp(tp)]
         self._expected = {tp: off for tp in tps if (off := self._committed_offset.get(tp)) is not None}
-        self._done.clear()
+        # Acknowledgements are kept: a record acknowledged before the rebalance was processed, and
+        # faust, which remembers it too, will not report it again.
         missing = [tp for tp in tps if tp not in self._expected]
         if missing:  # nothing committed yet: the first record is the log start
             try:
@@ -276,6 +276,14 @@ class GuardedConsumer(AIOKafkaConsumer):
             if self._sought.get(tp, (None, 0.0))[0] == offset and now - self._sought[tp][1] < 1.0:
                 continue  # the last seek back to it is under way
             self._sought[tp] = (offset, now)
+            # Everything from the hole on is fetched and acknowledged again: faust must not discard
+            # those acknowledgements as already seen.
+            index = self._acked_index.get(tp)
+            if index:
+                index.difference_update([o for o in index if o >= offset])
+            acked = self._acked.get(tp)
+            if acked:
+                acked[:] = [o for o in acked if o < offset]
             metrics.OFFSET_GUARD.labels("seek_back").inc()
             log.warning("seeking %s back to %d to fetch it again", _tp(tp), offset)
             # seek_wait (overridden above: a new epoch for tp) runs in the consumer's thread;
