@@ -219,6 +219,16 @@ class Settings(BaseSettings):
     standby_replicas: int = Field(
         1, ge=0, validation_alias=AliasChoices("RELAY_STANDBY_REPLICAS", "standby_replicas")
     )
+    #: How long the group waits for a silent worker (killed, hung) before moving its partitions.
+    worker_session_timeout_seconds: float = Field(
+        60.0,
+        ge=6,
+        validation_alias=AliasChoices(
+            "RELAY_WORKER_SESSION_TIMEOUT_SECONDS", "worker_session_timeout_seconds"
+        ),
+    )
+    #: Off only to reproduce faust 0.15's offset bug (processors/offsets.py); keep it on.
+    offset_guard: bool = Field(True, validation_alias=AliasChoices("RELAY_OFFSET_GUARD", "offset_guard"))
     processor_batch: int = Field(
         1000, ge=1, validation_alias=AliasChoices("RELAY_PROCESSOR_BATCH", "processor_batch")
     )

@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
-from processors import metrics, operations
+from processors import metrics, offsets, operations
 from processors.membership import apply_event
 from processors.queries import advertised_url, register_queries
 from processors.split import Context, Rejected, Split, split_body
@@ -100,15 +100,19 @@ def app_id(settings: Settings) -> str:
 def create_app(settings: Settings) -> faust.App:
     """The processors' faust app for ``settings`` (one per worker process)."""
     names = TopicNames.from_settings(settings)
+    scheme = offsets.SCHEME if settings.offset_guard else "kafka"
     app = faust.App(
         app_id(settings),
-        broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
+        # relaykafka:// is faust's aiokafka transport with the offset guard (processors/offsets.py).
+        broker=[f"{scheme}://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
         store="rocksdb://" if settings.table_store == "rocksdb" else "memory://",
         # Tables live under the app id: a worker data dir shared by two prefixes must not mix them.
         datadir=str(settings.worker_data_dir / app_id(settings)),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         table_standby_replicas=settings.standby_replicas,
+        broker_session_timeout=settings.worker_session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, settings.worker_session_timeout_seconds / 3),
         processing_guarantee="at_least_once",
         consumer_auto_offset_reset="earliest",
         # A raw record is a whole webhook body: prefetching thousands of them (faust's defaults)

@@ -55,3 +55,9 @@ class TableKeysCollector(Collector):
 
 TABLE_KEYS = TableKeysCollector()
 REGISTRY.register(TABLE_KEYS)
+
+OFFSET_GUARD = Counter(
+    "relay_processor_offset_guard_total",
+    "Times the offset guard stopped faust from reading or committing past an undelivered record",
+    ["action"],
+)
