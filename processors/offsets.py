@@ -7,47 +7,58 @@ the committed offset and handed off after it (reproduced in tests/test_offset_gu
 its record at that commit while a worker joined and left) moves the read offset far ahead of the
 seek; every refetched record below it is then dropped as "already read" and never processed. Commits
 do not make up for it: faust commits the first run of consecutive acknowledged offsets and declines
-only a run that starts *two or more* past the committed offset (nothing at all while no offset is
-known, e.g. during the commit a rebalance makes after forgetting the partition's offsets), so one
-skipped record per partition is committed over and lost, and a longer skip stalls the commit.
+only a run that starts *two or more* past the committed offset, so one skipped record per partition is
+committed over and lost, and a longer skip stalls the partition's commit.
 
 ``GuardedConsumer`` plugs in through faust's transport registry (the ``relaykafka://`` broker scheme
-selects ``Transport`` below; no faust code is changed or copied) and adds three checks:
+selects ``Transport`` below; no faust code is changed or copied) and adds two checks:
 
-1. **hand-off**: the consumer's callback is wrapped so the fetch loop's read mark for a record is
-   refused unless its hand-off to the streams finished (a cut hand-off is fetched again);
-2. **stale records**: a rebalance (flow stop, seek to the committed offsets) and any seek of a
-   partition start a new epoch; a stream record fetched in an older epoch than its partition's is
-   neither handed off nor marked read (changelog records are left to faust's table recovery);
-3. **commit continuity**: the guard keeps, per partition and across rebalances, the offset the next
-   commit must start at and every offset acknowledged from there (faust's own bookkeeping is reset
-   at each rebalance). A commit is refused when a record below it was never acknowledged, and the
-   partition is sought back to that record, so it is processed (at-least-once: a repeated segment
-   event finds its state already applied and emits nothing).
+1. **rewind**: after any seek of a stream partition to offset H (a rebalance's seek to the committed
+   offsets, or the guard's own seek back), the read offset cannot move past H until the record at H
+   itself was read. A record fetched before the seek and handed off after it is still processed (at
+   least once), but its read mark is refused, so the refetched records are not dropped.
+2. **commit continuity**: the guard keeps, per partition and across rebalances, the offset the next
+   commit must start at and every offset acknowledged from there (faust's own bookkeeping is reset at
+   each rebalance and treats "gaps" as processed). It commits only up to the first offset never
+   acknowledged. A timer (independent of acknowledgements and of faust's commit) looks for such a
+   *hole* below an acknowledged offset and seeks the partition back to it, again every
+   ``RETRY_SECONDS`` until the hole is processed, so a partition can never stay stalled on it
+   (at-least-once: a repeated segment event finds its state already applied and emits nothing).
+
+(An earlier version also dropped records by "epoch" in the fetch loop; a record dropped there after
+a seek whose position was already past it was never fetched again and stalled its partition.)
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
-from faust.types import TP, Message
+from faust.types import TP
+from mode import Service
 
 from processors import metrics
 
 log = logging.getLogger("processors.offsets")
 
 SCHEME = "relaykafka"
+#: How often the guard looks for holes (faust's default commit interval).
+CHECK_SECONDS = 2.8
+#: A seek back to a hole that is still not processed after this long is done again.
+RETRY_SECONDS = 10.0
+#: At most one log line per partition this often for refused read marks.
+LOG_EVERY_SECONDS = 10.0
 
 
 class ReadOffsets(defaultdict[TP, int | None]):
-    """faust's per-partition read offsets, refusing the mark of a record whose hand-off did not finish."""
+    """faust's per-partition read offsets, refusing a mark past a pending rewind (see the docstring)."""
 
     def __init__(self, consumer: GuardedConsumer) -> None:
         super().__init__(lambda: None)
@@ -87,111 +98,99 @@ class AckedOffsets(defaultdict[TP, list[int]]):
         return log_
 
 
+def first_unprocessed(done: set[int], start: int) -> int:
+    """The first offset from ``start`` on that is not in ``done``."""
+    offset = start
+    while offset in done:
+        offset += 1
+    return offset
+
+
+def find_hole(done: set[int], start: int) -> int | None:
+    """The first unprocessed offset from ``start`` when a later offset was processed, else None."""
+    limit = first_unprocessed(done, start)
+    return limit if done and max(done) > limit else None
+
+
 class GuardedConsumer(AIOKafkaConsumer):
-    """faust's aiokafka consumer with the three checks of the module docstring."""
+    """faust's aiokafka consumer with the checks of the module docstring."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._read_offset = ReadOffsets(self)
         self._acked = AckedOffsets(self._record_ack)
-        self._epoch = 0
-        #: The record the fetch loop is handing off, until the hand-off finished.
-        self._handing: tuple[TP, int] | None = None
-        #: Bumped by a rebalance (flow stop, seek to committed), and per partition by a seek.
-        self._tp_epoch: dict[TP, int] = {}
-        #: The epochs when the last fetch returned.
-        self._fetch_stamp: tuple[int, dict[TP, int]] = (0, {})
-        #: (tp, offset, epoch, partition epoch) of the last record the fetch loop was given.
-        self._yielded: tuple[TP, int, int, int] | None = None
-        #: Per partition: the offset the next commit's acknowledged run must start at ...
+        self._loop_thread = threading.get_ident()
+        #: Per stream partition: the offset it was sought to, until the record there was read.
+        self._rewind: dict[TP, int] = {}
+        #: True while a seek to the committed offsets is under way: no stream read mark is taken.
+        self._seeking = False
+        #: Per partition: refused read marks since the last log line, and when that was.
+        self._refused: dict[TP, tuple[int, float]] = {}
+        #: Per partition: the offset the next commit must start at ...
         self._expected: dict[TP, int] = {}
         #: ... and the offsets acknowledged from there on.
         self._done: defaultdict[TP, set[int]] = defaultdict(set)
-        #: Partitions whose commit was refused, and the offset to seek them back to.
-        self._holes: dict[TP, int] = {}
-        #: The last seek back per partition: (offset, when).
-        self._sought: dict[TP, tuple[int, float]] = {}
-        inner = self.callback
+        #: The last seek back per partition: (offset, when, attempts).
+        self._sought: dict[TP, tuple[int, float, int]] = {}
 
-        def hand_off(message: Message) -> Awaitable[None]:
-            # Runs when the fetch loop *calls* the callback, before anything can cut it.
-            key = (message.tp, message.offset)
-            self._handing = key
-            last = self._yielded
-            if last is not None and last[:2] == key and self._stale(key[0], last[2], last[3]):
-                metrics.OFFSET_GUARD.labels("stale_record").inc()
-                log.info("%s@%d was fetched before a seek: not handed off", _tp(message.tp), message.offset)
-                return _nothing()
-            return self._deliver(inner, message, key)
-
-        self.callback = hand_off
-
-    async def _deliver(
-        self, inner: Callable[[Message], Awaitable[None]], message: Message, key: tuple[TP, int]
-    ) -> None:
-        await inner(message)
-        if self._handing == key:
-            self._handing = None
+    # --- rewind: no read mark past a seek's offset until the record there was read ------------------
 
     def refuse_read_mark(self, tp: TP, offset: int) -> bool:
-        """True when ``offset`` is the record whose hand-off did not finish (do not mark it read)."""
-        if self._handing != (tp, offset):
+        """True when the read mark ``offset`` of ``tp`` must not be taken (see the module docstring)."""
+        if threading.get_ident() != self._loop_thread:
+            return False  # the seek's own mark, written in the consumer's thread
+        if self._is_changelog_tp(tp):
+            return False  # faust's table recovery tracks changelog offsets itself
+        if self._seeking:
+            self._note_refused(tp, offset, "a seek to the committed offsets is under way")
+            return True
+        rewind = self._rewind.get(tp)
+        if rewind is None:
             return False
-        self._handing = None
-        metrics.OFFSET_GUARD.labels("cut_hand_off").inc()
-        log.warning(
-            "hand-off of %s@%d not done (cut by a rebalance, or fetched before a seek): "
-            "not marking it read, it will be fetched again",
-            _tp(tp),
-            offset,
-        )
+        if offset <= rewind:
+            del self._rewind[tp]  # the record at the seek's offset was read: normal reading again
+            return False
+        self._note_refused(tp, offset, f"fetched before the seek to {rewind}")
         return True
 
-    # --- epochs: a seek or a flow stop makes the records fetched before it stale ------------------------
-
-    def _stamp(self, tp: TP) -> tuple[int, int]:
-        return self._epoch, self._tp_epoch.get(tp, 0)
-
-    def stop_flow(self) -> None:
-        self._epoch += 1  # a rebalance begins: every position will be reset
-        super().stop_flow()
+    def _note_refused(self, tp: TP, offset: int, why: str) -> None:
+        metrics.OFFSET_GUARD.labels("read_mark_refused").inc()
+        count, last = self._refused.get(tp, (0, 0.0))
+        now = time.monotonic()
+        if now - last >= LOG_EVERY_SECONDS:
+            log.info(
+                "not marking %s@%d read (%s; %d more refused since the last line): "
+                "it is processed, and the records from the seek on are fetched again",
+                _tp(tp),
+                offset,
+                why,
+                count,
+            )
+            self._refused[tp] = (0, now)
+        else:
+            self._refused[tp] = (count + 1, last)
 
     async def perform_seek(self) -> None:
-        self._epoch += 1
-        self._handing = None  # the marks written by a seek are never refused
-        await super().perform_seek()
-        await self._learn_start_offsets()
+        self._seeking = True
+        try:
+            await super().perform_seek()
+            await self._learn_start_offsets()
+            # Every stream partition was sought to its committed offset (or, with none, to its start).
+            self._rewind = dict(self._expected)
+        finally:
+            self._seeking = False
 
     async def seek(self, partition: TP, offset: int) -> None:
-        self._tp_epoch[partition] = self._tp_epoch.get(partition, 0) + 1
-        self._handing = None
-        await super().seek(partition, offset)
+        await super().seek(partition, offset)  # faust's own read mark (no await after it)
+        if not self._is_changelog_tp(partition):
+            self._rewind[partition] = offset
 
     async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
-        for tp in partitions:
-            self._tp_epoch[tp] = self._tp_epoch.get(tp, 0) + 1
-        self._handing = None
+        # Before the seek: a mark the fetch loop takes meanwhile comes from a record fetched before it.
+        for tp, offset in partitions.items():
+            if not self._is_changelog_tp(tp):
+                self._rewind[tp] = offset
         await super().seek_wait(partitions)
-
-    async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:
-        records = await super()._getmany(active_partitions, timeout)
-        # Stamped when the records arrive: a seek runs on the consumer's thread like the fetch,
-        # so records fetched before a later seek carry the older epoch.
-        self._fetch_stamp = (self._epoch, dict(self._tp_epoch))
-        return records
-
-    def _stale(self, tp: TP, epoch: int, tp_epoch: int) -> bool:
-        # Changelog records are never dropped: faust's table recovery tracks their offsets itself.
-        return not self._is_changelog_tp(tp) and (epoch, tp_epoch) != self._stamp(tp)
-
-    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
-        async for tp, message in super().getmany(timeout):
-            epoch, tp_epochs = self._fetch_stamp
-            tp_epoch = tp_epochs.get(tp, 0)
-            if self._stale(tp, epoch, tp_epoch):
-                continue  # fetched before a seek of its partition: it will be fetched again
-            self._yielded = (tp, message.offset, epoch, tp_epoch)
-            yield tp, message
 
     # --- commit continuity --------------------------------------------------------------------------
     #
@@ -206,53 +205,30 @@ class GuardedConsumer(AIOKafkaConsumer):
         """After a seek to the committed offsets: where each partition's acknowledged run must start."""
         tps = [tp for tp in self.assignment() if not self._is_changelog_tp(tp)]
         self._expected = {tp: off for tp in tps if (off := self._committed_offset.get(tp)) is not None}
-        # Acknowledgements are kept: a record acknowledged before the rebalance was processed, and
-        # faust, which remembers it too, will not report it again.
+        # Acknowledgements are kept: a record acknowledged before the rebalance was processed.
         missing = [tp for tp in tps if tp not in self._expected]
         if missing:  # nothing committed yet: the first record is the log start
             try:
                 earliest = await self.earliest_offsets(*missing)
-            except Exception:  # unknown start: these partitions go unchecked until their first commit
+            except Exception:  # unknown start: faust's own commit rule until the first commit
                 log.warning("could not read the partitions' first offsets", exc_info=True)
                 return
             self._expected.update({tp: off for tp, off in earliest.items() if off is not None})
 
-    def _processed_up_to(self, tp: TP, start: int) -> int:
-        """The first offset from ``start`` on that was neither acknowledged nor a known gap."""
-        done = self._done[tp]
-        gaps = self._gap.get(tp)
-        offset = start
-        while offset in done or (gaps and gaps.at(offset)):
-            offset += 1
-        return offset
-
     def _new_offset(self, tp: TP) -> int | None:
         expected = self._expected.get(tp)
-        limit = None if expected is None else self._processed_up_to(tp, expected)
-        acked = self._acked.get(tp)
-        if limit is not None and acked and min(acked) > limit:
-            # Later records were acknowledged but the one at ``limit`` never was: it was skipped.
-            # (faust itself declines this commit only when the skip is two or more records.)
-            self._refuse(tp, min(acked), limit)
-            return None
-        proposed: int | None = super()._new_offset(tp)
-        if proposed is not None and limit is not None and proposed > limit:
-            self._refuse(tp, proposed, limit)
-            return None
-        self._holes.pop(tp, None)
-        return proposed
-
-    def _refuse(self, tp: TP, proposed: int, limit: int) -> None:
-        if self._holes.get(tp) != limit and self._sought.get(tp, (None, 0.0))[0] != limit:
-            metrics.OFFSET_GUARD.labels("commit_refused").inc()
-            log.warning(
-                "refusing to commit %s at %d: offset %d was never processed (read up to %s); seeking back",
-                _tp(tp),
-                proposed,
-                limit,
-                self._read_offset.get(tp),
-            )
-        self._holes[tp] = limit
+        if expected is None or self._is_changelog_tp(tp):
+            proposed: int | None = super()._new_offset(tp)
+            return proposed
+        # The guard's own bookkeeping decides; faust's lists would only grow (and its "gaps" would
+        # count skipped records as processed: the input topics are neither compacted nor transactional).
+        self._acked[tp].clear()
+        self._acked_index.pop(tp, None)
+        self._gap.pop(tp, None)
+        limit = first_unprocessed(self._done[tp], expected)
+        committed = self._committed_offset.get(tp)
+        if limit > expected and (committed is None or limit > committed):
+            return limit
         return None
 
     async def commit(self, topics: Iterable[Any] | None = None, start_new_transaction: bool = True) -> bool:
@@ -261,42 +237,44 @@ class GuardedConsumer(AIOKafkaConsumer):
             if committed is not None and committed > self._expected.get(tp, -1):
                 self._expected[tp] = committed
                 self._done[tp] = {o for o in self._done[tp] if o >= committed}
-        await self._seek_back_holes()
         return did_commit
 
-    async def _seek_back_holes(self) -> None:
-        if not self._holes or self.app.rebalancing or not self.flow_active:
+    @Service.timer(CHECK_SECONDS)
+    async def _check_holes(self) -> None:
+        """Seek each partition with a hole back to it; again while the hole stays unprocessed."""
+        if self.app.rebalancing or not self.flow_active or self.should_stop:
             return
-        assignment = self.assignment()
         now = time.monotonic()
-        for tp, offset in list(self._holes.items()):
-            if tp not in assignment:
-                del self._holes[tp]
+        for tp in self.assignment():
+            if self._is_changelog_tp(tp) or (expected := self._expected.get(tp)) is None:
                 continue
-            if self._sought.get(tp, (None, 0.0))[0] == offset and now - self._sought[tp][1] < 1.0:
+            hole = find_hole(self._done[tp], expected)
+            if hole is None:
+                self._sought.pop(tp, None)
+                continue
+            offset, when, attempts = self._sought.get(tp, (-1, 0.0, 0))
+            if offset == hole and now - when < RETRY_SECONDS:
                 continue  # the last seek back to it is under way
-            self._sought[tp] = (offset, now)
-            # Everything from the hole on is fetched and acknowledged again: faust must not discard
-            # those acknowledgements as already seen.
-            index = self._acked_index.get(tp)
-            if index:
-                index.difference_update([o for o in index if o >= offset])
-            acked = self._acked.get(tp)
-            if acked:
-                acked[:] = [o for o in acked if o < offset]
+            attempts = attempts + 1 if offset == hole else 1
+            self._sought[tp] = (hole, now, attempts)
             metrics.OFFSET_GUARD.labels("seek_back").inc()
-            log.warning("seeking %s back to %d to fetch it again", _tp(tp), offset)
-            # seek_wait (overridden above: a new epoch for tp) runs in the consumer's thread;
-            # faust's plain seek does not, and races the fetch.
-            await self.seek_wait({tp: offset})
+            log.warning(
+                "%s@%d was never processed though %d later records were (read up to %s, committed %s): "
+                "seeking back to it (attempt %d)",
+                _tp(tp),
+                hole,
+                sum(1 for o in self._done[tp] if o > hole),
+                self._read_offset.get(tp),
+                self._committed_offset.get(tp),
+                attempts,
+            )
+            # seek_wait runs in the consumer's thread (faust's plain seek does not, and races the
+            # fetch) and sets the read offset to the hole; the rewind keeps it there.
+            await self.seek_wait({tp: hole})
 
 
 def _tp(tp: TP) -> str:
     return f"{tp.topic}[{tp.partition}]"
-
-
-async def _nothing() -> None:
-    return None
 
 
 class Transport(AIOKafkaTransport):

@@ -65,12 +65,9 @@ class GuardedParked(ParkOnce, GuardedConsumer):
 
 
 class CommitGuardOnly(ParkOnce, GuardedConsumer):
-    """Our guarded consumer with only its commit check (hand-off and stale checks off)."""
+    """Our guarded consumer with only its commit check (no read mark refused)."""
 
     def refuse_read_mark(self, tp: Any, offset: int) -> bool:
-        return False
-
-    def _stale(self, tp: Any, epoch: int, tp_epoch: int) -> bool:
         return False
 
 

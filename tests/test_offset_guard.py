@@ -6,8 +6,9 @@ and leaves the group. The rebalances clear the buffer and seek back to the commi
 held record is handed off and its offset marked read, so faust drops every refetched record below it
 as "already read". With faust's own consumer those records are never processed (and the partition's
 commit stalls); with the guarded consumer every record is processed and everything is committed (by
-its stale-record check; bench/offset_guard.py also runs it with only the commit check, which refuses
-the commit past the dropped records and seeks back to them).
+its rewind check, which keeps the held record's read mark from moving past the seek;
+bench/offset_guard.py also runs it with only the commit check, which finds the hole the dropped
+records leave and seeks back to them).
 """
 
 from __future__ import annotations
@@ -175,3 +176,13 @@ async def test_record_held_across_a_rebalance(kafka_bootstrap: str, tmp_path: Pa
         assert missing, "the window did not reproduce faust's drop; the test proves nothing"
         # ... and its commit stops short of them (faust's own check; they come back after a restart)
         assert committed <= missing[0]
+
+
+def test_a_hole_is_an_unprocessed_offset_below_a_processed_one() -> None:
+    from processors.offsets import find_hole, first_unprocessed
+
+    assert first_unprocessed({5, 6, 8}, 5) == 7
+    assert find_hole({5, 6, 8}, 5) == 7  # 8 was processed, 7 never: seek back to 7
+    assert find_hole({5, 6, 7}, 5) is None  # a run from the start: commit up to 8
+    assert find_hole(set(), 5) is None
+    assert find_hole({7}, 5) == 5  # the committed offset itself was skipped (faust commits over it)
