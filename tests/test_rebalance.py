@@ -150,8 +150,9 @@ async def join_and_leave_mid_stream(
 
         await until_async(three, 180, what="three workers sharing the partitions")
         sent_at_three = stream.sent
-        # 3 → 2: one leaves gracefully while records keep arriving.
-        workers.pop("w2").stop()
+        # 3 → 2: one leaves gracefully while records keep arriving (stopping waits for the process to
+        # exit: in a thread, so the stream keeps sending meanwhile).
+        await asyncio.to_thread(workers.pop("w2").stop)
 
         async def two() -> bool:
             assert stream is not None
