@@ -118,7 +118,7 @@ class Outcome:
 
 
 async def join_and_leave_mid_stream(
-    kafka_bootstrap: str, tmp_path: Path, *, guard: bool = True, timeout: float = 240
+    kafka_bootstrap: str, tmp_path: Path, *, guard: bool = False, timeout: float = 240
 ) -> Outcome:
     """Run the 1 → 3 → 2 scenario; compare what came out with the oracle (does not assert)."""
     settings = make_settings(kafka_bootstrap, partitions=6, offset_guard=guard)
@@ -219,12 +219,14 @@ def test_standby_replicas_and_guard_reach_faust() -> None:
     from processors.app import create_app
     from processors.offsets import GuardedConsumer
 
-    settings = make_settings("127.0.0.1:1", standby_replicas=2, worker_session_timeout_seconds=12)
+    settings = make_settings(
+        "127.0.0.1:1", standby_replicas=2, worker_session_timeout_seconds=12, offset_guard=True
+    )
     app = create_app(settings)
     assert app.conf.table_standby_replicas == 2
     assert app.conf.broker_session_timeout == 12
     assert app.transport.Consumer is GuardedConsumer
-    plain = create_app(make_settings("127.0.0.1:1", offset_guard=False))
+    plain = create_app(make_settings("127.0.0.1:1"))  # the default: faust's own consumer
     assert plain.transport.Consumer is not GuardedConsumer
 
 
