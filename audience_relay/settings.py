@@ -228,7 +228,7 @@ class Settings(BaseSettings):
         ),
     )
     #: Off only to reproduce faust 0.15's offset bug (processors/offsets.py); keep it on.
-    offset_guard: bool = Field(False, validation_alias=AliasChoices("RELAY_OFFSET_GUARD", "offset_guard"))
+    offset_guard: bool = Field(True, validation_alias=AliasChoices("RELAY_OFFSET_GUARD", "offset_guard"))
     processor_batch: int = Field(
         1000, ge=1, validation_alias=AliasChoices("RELAY_PROCESSOR_BATCH", "processor_batch")
     )

@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
-from processors import metrics, offsets, operations
+from processors import flow, metrics, offsets, operations
 from processors.membership import apply_event
 from processors.queries import advertised_url, register_queries
 from processors.split import Context, Rejected, Split, split_body
@@ -101,7 +101,7 @@ def create_app(settings: Settings) -> faust.App:
     """The processors' faust app for ``settings`` (one per worker process)."""
     names = TopicNames.from_settings(settings)
     scheme = offsets.SCHEME if settings.offset_guard else "kafka"
-    app = faust.App(
+    app = flow.App(
         app_id(settings),
         # relaykafka:// is faust's aiokafka transport with the offset guard (processors/offsets.py).
         broker=[f"{scheme}://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],

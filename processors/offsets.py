@@ -11,7 +11,7 @@ only a run that starts *two or more* past the committed offset, so one skipped r
 committed over and lost, and a longer skip stalls the partition's commit.
 
 ``GuardedConsumer`` plugs in through faust's transport registry (the ``relaykafka://`` broker scheme
-selects ``Transport`` below; no faust code is changed or copied) and adds two checks:
+selects ``Transport`` below; no faust code is changed or copied) and adds three checks:
 
 1. **rewind**: after any seek of a stream partition to offset H (a rebalance's seek to the committed
    offsets, or the guard's own seek back), the read offset cannot move past H until the record at H
@@ -25,6 +25,17 @@ selects ``Transport`` below; no faust code is changed or copied) and adds two ch
    ``RETRY_SECONDS`` until the hole is processed, so a partition can never stay stalled on it
    (at-least-once: a repeated segment event finds its state already applied and emits nothing).
 
+3. **give back**: faust's ``getmany`` takes a batch from aiokafka and drops the rest of it when the
+   flow stops or the generation changes, and every record of a partition that left its active set in
+   the meantime (at the end of a table recovery it does so for records of the stream partitions it is
+   about to resume). aiokafka's position is past them, so they would never come again: the guard
+   seeks each such partition back to its first record not handed on, and a seek to the committed
+   offsets also seeks partitions *without* a committed offset (aiokafka leaves them where they are)
+   to their first offset. Found with ``audience-relay partitions apply``: after 4 → 12 the new
+   partitions had no committed offset, and the restarted worker never processed them.
+
+(processors/flow.py repairs a fourth fault, faust emptying the streams' queues after it resumed them.)
+
 (An earlier version also dropped records by "epoch" in the fetch loop; a record dropped there after
 a seek whose position was already past it was never fetched again and stalled its partition.)
 """
@@ -35,7 +46,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from faust.transport.drivers import TRANSPORTS
@@ -112,6 +123,17 @@ def find_hole(done: set[int], start: int) -> int | None:
     return limit if done and max(done) > limit else None
 
 
+def not_handed_on(fetched: Mapping[TP, list[int]], handed: Mapping[TP, int]) -> dict[TP, int]:
+    """Per partition, the first fetched offset after the last one handed on (all handed: left out)."""
+    back: dict[TP, int] = {}
+    for tp, offsets in fetched.items():
+        last = handed.get(tp)
+        rest = [offset for offset in offsets if last is None or offset > last]
+        if rest:
+            back[tp] = rest[0]
+    return back
+
+
 class GuardedConsumer(AIOKafkaConsumer):
     """faust's aiokafka consumer with the checks of the module docstring."""
 
@@ -132,6 +154,8 @@ class GuardedConsumer(AIOKafkaConsumer):
         self._done: defaultdict[TP, set[int]] = defaultdict(set)
         #: The last seek back per partition: (offset, when, attempts).
         self._sought: dict[TP, tuple[int, float, int]] = {}
+        #: The batch faust's fetch loop is handing on (aiokafka records by partition).
+        self._fetched: Mapping[Any, list[Any]] = {}
 
     # --- rewind: no read mark past a seek's offset until the record there was read ------------------
 
@@ -174,11 +198,56 @@ class GuardedConsumer(AIOKafkaConsumer):
         self._seeking = True
         try:
             await super().perform_seek()
-            await self._learn_start_offsets()
+            uncommitted = await self._learn_start_offsets()
+            # aiokafka's seek to committed offsets leaves a partition without one where it is: records
+            # faust took from it and dropped (see _give_back) would never come again. Its committed
+            # offset is, in effect, its first offset.
+            start = {tp: self._expected[tp] for tp in uncommitted if tp in self._expected}
+            if start:
+                await self.seek_wait(start)
             # Every stream partition was sought to its committed offset (or, with none, to its start).
             self._rewind = dict(self._expected)
         finally:
             self._seeking = False
+
+    # --- give back: records taken from aiokafka and not handed on are fetched again ----------------
+
+    async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
+        records, active = await super()._wait_next_records(timeout)
+        self._fetched = records or {}
+        return records, active
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
+        # faust's getmany drops the rest of a fetched batch when the flow stops or the generation
+        # changes, and every record of a partition that left the active set meanwhile; aiokafka's
+        # position is past them all the same.
+        self._fetched = {}
+        handed: dict[TP, int] = {}
+        async for tp, message in super().getmany(timeout):
+            handed[tp] = message.offset
+            yield tp, message
+        await self._give_back(self._fetched, handed)
+
+    async def _give_back(self, fetched: Mapping[Any, list[Any]], handed: Mapping[TP, int]) -> None:
+        """Seek each stream partition back to the first record faust fetched but did not hand on."""
+        streams = {tp: records for tp, records in fetched.items() if not self._is_changelog_tp(tp)}
+        back = not_handed_on({tp: [r.offset for r in records] for tp, records in streams.items()}, handed)
+        if not back:
+            return
+        if self.app.rebalancing or not self.flow_active or self.should_stop:
+            # The rebalance under way ends with a seek of every partition to its committed offset
+            # (perform_seek above, which also covers partitions without one).
+            return
+        assigned = self.assignment()
+        back = {tp: offset for tp, offset in back.items() if tp in assigned}
+        if not back:
+            return
+        metrics.OFFSET_GUARD.labels("give_back").inc(len(back))
+        log.info(
+            "fetched records were not handed to the streams: seeking back to them (%s)",
+            ", ".join(f"{_tp(tp)}@{offset}" for tp, offset in sorted(back.items())),
+        )
+        await self.seek_wait(back)
 
     async def seek(self, partition: TP, offset: int) -> None:
         await super().seek(partition, offset)  # faust's own read mark (no await after it)
@@ -201,8 +270,11 @@ class GuardedConsumer(AIOKafkaConsumer):
     def _record_ack(self, tp: TP, offset: int) -> None:
         self._done[tp].add(offset)  # pruned below the committed offset at each commit
 
-    async def _learn_start_offsets(self) -> None:
-        """After a seek to the committed offsets: where each partition's acknowledged run must start."""
+    async def _learn_start_offsets(self) -> list[TP]:
+        """After a seek to the committed offsets: where each partition's acknowledged run must start.
+
+        Returns the stream partitions without a committed offset.
+        """
         tps = [tp for tp in self.assignment() if not self._is_changelog_tp(tp)]
         self._expected = {tp: off for tp in tps if (off := self._committed_offset.get(tp)) is not None}
         # Acknowledgements are kept: a record acknowledged before the rebalance was processed.
@@ -212,8 +284,9 @@ class GuardedConsumer(AIOKafkaConsumer):
                 earliest = await self.earliest_offsets(*missing)
             except Exception:  # unknown start: faust's own commit rule until the first commit
                 log.warning("could not read the partitions' first offsets", exc_info=True)
-                return
+                return missing
             self._expected.update({tp: off for tp, off in earliest.items() if off is not None})
+        return missing
 
     def _new_offset(self, tp: TP) -> int | None:
         expected = self._expected.get(tp)

@@ -23,6 +23,7 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
+from faust.types import TP
 
 from audience_relay.kafkautil import produce_all, read_topic
 from tests.conftest import until_async
@@ -186,3 +187,13 @@ def test_a_hole_is_an_unprocessed_offset_below_a_processed_one() -> None:
     assert find_hole({5, 6, 7}, 5) is None  # a run from the start: commit up to 8
     assert find_hole(set(), 5) is None
     assert find_hole({7}, 5) == 5  # the committed offset itself was skipped (faust commits over it)
+
+
+def test_records_fetched_but_not_handed_on_are_given_back_from_the_first_one() -> None:
+    from processors.offsets import not_handed_on
+
+    a, b, c = TP("s", 0), TP("s", 1), TP("s", 2)
+    fetched = {a: [10, 11, 12, 13], b: [0, 1, 2], c: [5, 6]}
+    # a: the flow stopped after 11; b: its partition left the active set (nothing handed); c: all handed
+    assert not_handed_on(fetched, {a: 11, c: 6}) == {a: 12, b: 0}
+    assert not_handed_on({a: []}, {}) == {}

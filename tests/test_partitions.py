@@ -190,15 +190,6 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 # --- 100,000 identifiers, 4 → 12 partitions --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    run=False,
-    reason=(
-        "KNOWN FAILURE since the issue-5 branches were merged (3 of 3 runs, with and without the offset "
-        "guard): after the move the restarted worker processes the follow-up events of partitions 0-3 "
-        "but never fetches partitions 4-11 of segment-events (no committed offset, records waiting), "
-        "so 1,994 of 3,000 changes are missing. Passed on the partitions branch alone; cause not found yet."
-    ),
-)
 @pytest.mark.timeout(900)  # ~6 min on a shared, loaded 2-core box; see the report for CI figures
 async def test_4_to_12_partitions_matches_a_fresh_12_partition_deployment(
     kafka_bootstrap: str, tmp_path: Path

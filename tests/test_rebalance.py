@@ -118,7 +118,7 @@ class Outcome:
 
 
 async def join_and_leave_mid_stream(
-    kafka_bootstrap: str, tmp_path: Path, *, guard: bool = False, timeout: float = 240
+    kafka_bootstrap: str, tmp_path: Path, *, guard: bool = True, timeout: float = 240
 ) -> Outcome:
     """Run the 1 → 3 → 2 scenario; compare what came out with the oracle (does not assert)."""
     settings = make_settings(kafka_bootstrap, partitions=6, offset_guard=guard)
@@ -197,14 +197,6 @@ async def join_and_leave_mid_stream(
     )
 
 
-@pytest.mark.xfail(
-    run=False,
-    reason=(
-        "KNOWN FAILURE on main: failed in the clean-clone CI run with faust's own consumer (the default); "
-        "with RELAY_OFFSET_GUARD=true it passed 4 of 5 on its branch, but the guard makes two workers "
-        "stall after a recovery (see README, RELAY_OFFSET_GUARD). Open: issue 5."
-    ),
-)
 @pytest.mark.timeout(600)
 async def test_workers_join_and_leave_mid_stream(kafka_bootstrap: str, tmp_path: Path) -> None:
     out = await join_and_leave_mid_stream(kafka_bootstrap, tmp_path)
@@ -234,7 +226,8 @@ def test_standby_replicas_and_guard_reach_faust() -> None:
     assert app.conf.table_standby_replicas == 2
     assert app.conf.broker_session_timeout == 12
     assert app.transport.Consumer is GuardedConsumer
-    plain = create_app(make_settings("127.0.0.1:1"))  # the default: faust's own consumer
+    assert create_app(make_settings("127.0.0.1:1")).transport.Consumer is GuardedConsumer  # the default
+    plain = create_app(make_settings("127.0.0.1:1", offset_guard=False))
     assert plain.transport.Consumer is not GuardedConsumer
 
 
