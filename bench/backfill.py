@@ -10,7 +10,6 @@ duplicates and losses.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import subprocess
@@ -27,7 +26,7 @@ from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from audience_relay.up import LocalReceiver
-from bench.common import IngressProcess, broker, http_post_loop, new_prefix
+from bench.common import IngressProcess, arguments, bench_settings, broker, http_post_loop
 
 KEY = "bench-key"
 STAMP = "2026-11-01T10:00:00.000000000Z"
@@ -103,9 +102,7 @@ def spawn(settings: Settings, args: list[str], log: Path, **env: str) -> subproc
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--users", type=int, default=250_000)
     parser.add_argument("--audiences", type=int, default=4)
     parser.add_argument("--clients", type=int, default=20)
@@ -125,19 +122,15 @@ async def main() -> None:
     await pushly.start()
     await odp.start()
     with broker() as (bootstrap, _):
-        settings = Settings.model_validate(
-            {
-                "kafka_bootstrap_servers": bootstrap,
-                "topic_prefix": new_prefix(),
-                "partitions": args.partitions,
-                "log_level": "WARNING",
-                "ingress_api_keys": [KEY],
-                "pushly_webhook_url": pushly.url,
-                "pushly_api_key": "bench",
-                "pushly_batch_size": args.pushly_batch,
-                "odp_webhook_url": odp.url,
-                "odp_auth_token": "bench",
-            }
+        settings = bench_settings(
+            bootstrap,
+            partitions=args.partitions,
+            ingress_api_keys=[KEY],
+            pushly_webhook_url=pushly.url,
+            pushly_api_key="bench",
+            pushly_batch_size=args.pushly_batch,
+            odp_webhook_url=odp.url,
+            odp_auth_token="bench",
         )
         names = TopicNames.from_settings(settings)
         await create_topics(settings)

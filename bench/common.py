@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import orjson
 
 from audience_relay.localkafka import LocalKafka, free_port, port_open
+from audience_relay.settings import Settings
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -127,6 +129,18 @@ class IngressProcess:
 
 def new_prefix() -> str:
     return f"bench{uuid.uuid4().hex[:8]}"
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's argument parser, its module docstring as the help text."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def bench_settings(bootstrap: str, **values: object) -> Settings:
+    """Settings for one benchmark run: its own topic prefix, WARNING logs unless ``values`` say otherwise."""
+    return Settings.model_validate(
+        {"kafka_bootstrap_servers": bootstrap, "topic_prefix": new_prefix(), "log_level": "WARNING", **values}
+    )
 
 
 async def http_post_loop(

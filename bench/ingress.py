@@ -8,7 +8,6 @@ seconds. Scenarios: single-user bodies (~2 KB) and 300-user batches.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 
@@ -20,6 +19,7 @@ from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import (
     IngressProcess,
+    arguments,
     broker,
     http_post_loop,
     lytics_user,
@@ -105,9 +105,7 @@ async def scenario(
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=300)

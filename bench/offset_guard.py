@@ -13,13 +13,12 @@ what the guard did (from the worker logs).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
 import tempfile
 from pathlib import Path
 
-from bench.common import broker
+from bench.common import arguments, broker
 from tests.test_offset_guard import RECORDS, run_window
 from tests.test_rebalance import join_and_leave_mid_stream
 
@@ -35,9 +34,7 @@ def guard_actions(logs: Path, pattern: str = "w*.log") -> dict[str, int]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--modes", default="off,on", help="guard modes to run, in order")
     parser.add_argument("--timeout", type=float, default=150, help="seconds to wait for the outputs")

@@ -27,7 +27,7 @@ from audience_relay import partitions as parts
 from audience_relay.kafkautil import topic_size
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
-from bench.common import broker
+from bench.common import arguments, broker
 from processors.membership import fold
 
 
@@ -148,9 +148,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--identifiers", type=int, default=250_000)
     parser.add_argument("--audiences", type=int, default=4)
     parser.add_argument("--from-partitions", type=int, default=4)

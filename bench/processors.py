@@ -9,7 +9,6 @@ bytes per membership.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import subprocess
@@ -24,9 +23,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from audience_relay.kafkautil import end_offsets, produce_all, topic_size
 from audience_relay.localkafka import free_port
-from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
-from bench.common import broker, new_prefix, percentile
+from bench.common import arguments, bench_settings, broker, percentile
 
 
 def lean_user(n: int, audience: int) -> dict[str, object]:
@@ -97,9 +95,7 @@ async def change_latencies(
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--memberships", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=300)
     parser.add_argument("--audiences", type=int, default=4)
@@ -110,15 +106,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     with broker() as (bootstrap, _):
-        settings = Settings.model_validate(
-            {
-                "kafka_bootstrap_servers": bootstrap,
-                "topic_prefix": new_prefix(),
-                "partitions": args.partitions,
-                "table_store": args.store,
-                "log_level": "WARNING",
-            }
-        )
+        settings = bench_settings(bootstrap, partitions=args.partitions, table_store=args.store)
         names = TopicNames.from_settings(settings)
         await create_topics(settings)
         n = args.memberships

@@ -12,7 +12,6 @@ worker 2 stops.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import re
@@ -28,7 +27,7 @@ from audience_relay.kafkautil import produce_all
 from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
-from bench.common import broker, new_prefix, percentile
+from bench.common import arguments, bench_settings, broker, percentile
 from bench.processors import raw_records
 
 KEY = "bench-query-key"
@@ -96,9 +95,7 @@ def report(
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--users", type=int, default=50_000)
     parser.add_argument("--audiences", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=8)
@@ -108,15 +105,12 @@ async def main() -> None:
     args = parser.parse_args()
 
     with broker() as (bootstrap, _):
-        settings = Settings.model_validate(
-            {
-                "kafka_bootstrap_servers": bootstrap,
-                "topic_prefix": new_prefix(),
-                "partitions": args.partitions,
-                "table_store": args.store,
-                "ingress_api_keys": [KEY],
-                "log_level": "INFO",
-            }
+        settings = bench_settings(
+            bootstrap,
+            partitions=args.partitions,
+            table_store=args.store,
+            ingress_api_keys=[KEY],
+            log_level="INFO",
         )
         await create_topics(settings)
         names = TopicNames.from_settings(settings)

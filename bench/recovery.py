@@ -27,7 +27,6 @@ new probe per partition answered) is printed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import tempfile
 import time
@@ -41,7 +40,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from audience_relay.kafkautil import end_offsets, produce_all, read_topic, topic_size
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
-from bench.common import broker, new_prefix
+from bench.common import arguments, bench_settings, broker
 from schemas.records import SegmentEvent
 from tests.processes import Component, group_state, start_worker
 
@@ -191,9 +190,7 @@ async def kill_and_measure(
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--memberships", type=int, default=1_000_000)
     parser.add_argument("--audiences", type=int, default=4)
     parser.add_argument("--partitions", type=int, default=8)
@@ -201,14 +198,13 @@ async def main() -> None:
     args = parser.parse_args()
 
     with broker() as (bootstrap, _):
-        base = {
-            "kafka_bootstrap_servers": bootstrap,
-            "topic_prefix": new_prefix(),
-            "partitions": args.partitions,
-            "worker_session_timeout_seconds": args.session_timeout,
-            "log_level": "INFO",
-        }
-        with_standby = Settings.model_validate({**base, "standby_replicas": 1})
+        with_standby = bench_settings(
+            bootstrap,
+            partitions=args.partitions,
+            worker_session_timeout_seconds=args.session_timeout,
+            log_level="INFO",
+            standby_replicas=1,
+        )
         names = TopicNames.from_settings(with_standby)
         await create_topics(with_standby)
         tmp = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
@@ -245,7 +241,7 @@ async def main() -> None:
                 w.stop()
 
         # --- standby 0: fresh workers restore from the changelog, then one dies ----------------------
-        without = Settings.model_validate({**base, "standby_replicas": 0})
+        without = with_standby.model_copy(update={"standby_replicas": 0})
         started = time.time()
         workers = {name: start_worker(without, tmp, name) for name in ("a0", "b0")}
         try:
