@@ -83,7 +83,7 @@ def processors_group(settings: Settings) -> str:
 
 def changelog_topic(settings: Settings) -> str:
     """The membership table's changelog topic (faust: ``<app id>-<table>-changelog``)."""
-    return f"{processors_group(settings)}-membership-changelog"
+    return TopicNames.from_settings(settings).changelog
 
 
 def state_topic(settings: Settings) -> str:

@@ -25,6 +25,8 @@ class TopicNames:
     membership_changes: str
     membership: str
     analytics: str
+    #: The membership table's changelog (faust names it ``<app id>-<table>-changelog``).
+    changelog: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TopicNames:
@@ -36,6 +38,7 @@ class TopicNames:
             membership_changes=f"{p}.membership-changes",
             membership=f"{p}.membership",
             analytics=settings.analytics_topic or f"{p}.analytics",
+            changelog=f"{p}-processors-membership-changelog",
         )
 
 
@@ -78,6 +81,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # Current state: one record per (identifier, audience); compaction keeps the newest.
         TopicSpec(names.membership, n, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
         TopicSpec(names.analytics, n, {"cleanup.policy": "delete"}),
+        # Created here, not left to the worker's faust: a changelog it creates at start can still be
+        # described with no partitions when the first batch writes the table, and faust then stops
+        # the agent with PartitionsMismatch (seen on a freshly started broker).
+        TopicSpec(names.changelog, n, {"cleanup.policy": "compact"}),
     ]
 
 

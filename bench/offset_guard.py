@@ -24,6 +24,7 @@ from tests.test_rebalance import join_and_leave_mid_stream
 
 GUARD_LINES = {
     "seek back": re.compile(r"seeking back to it"),
+    "given back": re.compile(r"not handed to the streams: seeking back"),
     "read marks refused (logged)": re.compile(r"not marking .* read"),
 }
 

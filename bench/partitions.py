@@ -21,7 +21,6 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from audience_relay import partitions as parts
 from audience_relay.kafkautil import topic_size
@@ -58,15 +57,7 @@ def events_for(n: int, audiences: int) -> list[dict[str, Any]]:
 async def preload(settings: Settings, identifiers: int, audiences: int) -> int:
     """Changelog and membership records for every identifier; returns the memberships written."""
     names = TopicNames.from_settings(settings)
-    changelog = parts.changelog_topic(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(changelog, settings.partitions, 1, topic_configs={"cleanup.policy": "compact"})]
-        )
-    finally:
-        await admin.close()
+    changelog = parts.changelog_topic(settings)  # created with the others by create_topics
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         linger_ms=20,

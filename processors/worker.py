@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError
 
 from audience_relay.partitions import PartitionsError, check_worker
 from audience_relay.settings import Settings
+from audience_relay.topics import create_topics
 from processors.app import app_id, create_app
 
 log = logging.getLogger("processors.worker")
@@ -65,10 +66,15 @@ def prepare_data_dir(data_dir: Path, partitions: int | None = None) -> bool:
 
 
 def check_partitions(settings: Settings) -> None:
-    """Stop with a clear error when a partition move is unfinished or RELAY_PARTITIONS is wrong."""
+    """Stop with a clear error when a partition move is unfinished or RELAY_PARTITIONS is wrong.
+
+    Then create the topics that do not exist yet (``audience-relay topics create``), the table's
+    changelog included, and wait until the broker describes them with their partitions.
+    """
     loop = asyncio.new_event_loop()  # not asyncio.run: that would leave faust without a current loop
     try:
         loop.run_until_complete(check_worker(settings))
+        loop.run_until_complete(create_topics(settings))
     except PartitionsError as exc:
         log.critical("refusing to start", extra={"reason": str(exc)})
         print(f"error: {exc}", file=sys.stderr)

@@ -155,9 +155,8 @@ async def group_state(settings: Settings) -> tuple[str, int]:
 async def wait_group(settings: Settings, members: int, timeout: float = 120) -> None:
     """Until the processors' group is settled with ``members`` members.
 
-    faust 0.15 can drop a message that is being handed to a stream when a rebalance suspends the
-    flow (observed: one event lost per partition, kill test). Tests that are not about rebalancing
-    start their data only once the group has settled, and the closing note reports the risk.
+    Tests that are not about rebalancing start their data once the group has settled, so that what
+    they check does not depend on when a rebalance happens (the rebalance tests do the opposite).
     """
 
     async def settled() -> bool:
