@@ -78,14 +78,20 @@ async def read_topic(
         return out
 
 
-async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
-    """Records of ``topics`` not yet committed by ``group`` (a partition never committed counts whole)."""
+async def committed_offsets(bootstrap: str, group: str) -> dict[TopicPartition, int]:
+    """The offsets ``group`` has committed, by partition (partitions it never committed are absent)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
     finally:
         await admin.close()
+    return {tp: meta.offset for tp, meta in committed.items() if meta.offset >= 0}
+
+
+async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
+    """Records of ``topics`` not yet committed by ``group`` (a partition never committed counts whole)."""
+    committed = await committed_offsets(bootstrap, group)
     lag = 0
     for topic in topics:
         async with _consumer(bootstrap) as consumer:
@@ -95,8 +101,7 @@ async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
             ends = await consumer.end_offsets(parts)
             starts = await consumer.beginning_offsets(parts)
         for tp in parts:
-            meta = committed.get(tp)
-            done = meta.offset if meta is not None and meta.offset >= 0 else starts[tp]
+            done = committed.get(tp, starts[tp])
             lag += max(0, ends[tp] - done)
     return lag
 

@@ -230,16 +230,21 @@ class GuardedConsumer(AIOKafkaConsumer):
 
     async def _give_back(self, fetched: Mapping[Any, list[Any]], handed: Mapping[TP, int]) -> None:
         """Seek each stream partition back to the first record faust fetched but did not hand on."""
-        streams = {tp: records for tp, records in fetched.items() if not self._is_changelog_tp(tp)}
-        back = not_handed_on({tp: [r.offset for r in records] for tp, records in streams.items()}, handed)
-        if not back:
-            return
         if self.app.rebalancing or not self.flow_active or self.should_stop:
             # The rebalance under way ends with a seek of every partition to its committed offset
             # (perform_seek above, which also covers partitions without one).
             return
+        # Records come in offset order: a partition has records left over only when its last one is
+        # past the last handed on, which is rare, so only those partitions are looked at closely.
+        left = {
+            tp: [r.offset for r in records]
+            for tp, records in fetched.items()
+            if records and records[-1].offset > handed.get(tp, -1) and not self._is_changelog_tp(tp)
+        }
+        if not left:
+            return
         assigned = self.assignment()
-        back = {tp: offset for tp, offset in back.items() if tp in assigned}
+        back = {tp: offset for tp, offset in not_handed_on(left, handed).items() if tp in assigned}
         if not back:
             return
         metrics.OFFSET_GUARD.labels("give_back").inc(len(back))

@@ -25,7 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 from faust.types import TP
 
-from audience_relay.kafkautil import produce_all, read_topic
+from audience_relay.kafkautil import committed_offsets, produce_all, read_topic
 from tests.conftest import until_async
 
 RECORDS = 3000
@@ -82,14 +82,7 @@ async def _members(bootstrap: str, group: str) -> tuple[str, int]:
 
 
 async def _committed(bootstrap: str, group: str, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    meta = offsets.get(TopicPartition(topic, 0))
-    return meta.offset if meta is not None else -1
+    return (await committed_offsets(bootstrap, group)).get(TopicPartition(topic, 0), -1)
 
 
 async def _processed(bootstrap: str, topic: str) -> set[int]:

@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
 from audience_relay import partitions as parts
-from audience_relay.kafkautil import end_offsets, produce_all, read_topic, topic_size
+from audience_relay.kafkautil import committed_offsets, end_offsets, produce_all, read_topic, topic_size
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from processors.app import app_id, create_app
@@ -479,13 +479,8 @@ async def test_unprocessed_segment_events_move_to_their_new_partitions(kafka_boo
     out = io.StringIO()
     assert await parts.apply(settings, 6, out, progress=False) == 0, out.getvalue()
     assert f"unprocessed segment events moved to their new partitions: {len(unprocessed)}" in out.getvalue()
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    since = {p: committed[TopicPartition(names.segment_events, p)].offset for p in range(3)}
+    committed = await committed_offsets(kafka_bootstrap, group)
+    since = {p: committed[TopicPartition(names.segment_events, p)] for p in range(3)}
     assert since == old_ends  # the old copies count as processed
     # What the workers will read now: every unprocessed event once, on its key's new partition, and
     # one key's events in their original order.
