@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from audience_relay import logs
-from audience_relay.localkafka import LocalKafka, LocalKafkaError, fetch_jars
 from audience_relay.settings import Settings
+from devtools.localkafka import LocalKafka, LocalKafkaError, fetch_jars
 
 log = logging.getLogger("audience_relay")
 
@@ -83,7 +83,7 @@ def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_partitions(args: argparse.Namespace, settings: Settings) -> int:
     from aiokafka.errors import KafkaError
 
-    from audience_relay import partitions
+    from processors import partitions
 
     run = partitions.plan if args.action == "plan" else partitions.apply
     try:
@@ -123,7 +123,7 @@ def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from audience_relay.up import run_up
+    from devtools.up import run_up
 
     return run_up(settings, samples=args.samples, keep_running=not args.demo, keep_broker=args.keep_broker)
 

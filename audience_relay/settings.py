@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     producer_linger_ms: int = Field(
         0, ge=0, validation_alias=AliasChoices("RELAY_PRODUCER_LINGER_MS", "producer_linger_ms")
     )
-    #: JSON file of credentials, re-read on SIGHUP (key rotation without restart); see ingress/keys.py.
+    #: JSON file of credentials, re-read on SIGHUP (key rotation without restart); see audience_relay/keys.py.
     ingress_keys_file: Path | None = Field(
         None, validation_alias=AliasChoices("RELAY_INGRESS_KEYS_FILE", "ingress_keys_file")
     )

@@ -22,11 +22,11 @@ from typing import Any
 import orjson
 
 from audience_relay.kafkautil import topic_size
-from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
-from audience_relay.up import LocalReceiver
 from bench.common import IngressProcess, arguments, bench_settings, broker, http_post_loop
+from devtools.localkafka import free_port
+from devtools.up import LocalReceiver
 
 KEY = "bench-key"
 STAMP = "2026-11-01T10:00:00.000000000Z"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import orjson
 
-from audience_relay.localkafka import LocalKafka, free_port, port_open
 from audience_relay.settings import Settings
+from devtools.localkafka import LocalKafka, free_port, port_open
 
 PROJECT = Path(__file__).resolve().parents[1]
 

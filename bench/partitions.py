@@ -22,11 +22,11 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from audience_relay import partitions as parts
 from audience_relay.kafkautil import topic_size
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import arguments, broker
+from processors import partitions as parts
 from processors.membership import fold
 
 

@@ -22,9 +22,9 @@ import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from audience_relay.kafkautil import end_offsets, produce_all, topic_size
-from audience_relay.localkafka import free_port
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import arguments, bench_settings, broker, percentile
+from devtools.localkafka import free_port
 
 
 def lean_user(n: int, audience: int) -> dict[str, object]:

@@ -24,11 +24,11 @@ from pathlib import Path
 import aiohttp
 
 from audience_relay.kafkautil import produce_all
-from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import arguments, bench_settings, broker, percentile
 from bench.processors import raw_records
+from devtools.localkafka import free_port
 
 KEY = "bench-query-key"
 HEADERS = {"X-API-KEY": KEY}

@@ -41,8 +41,8 @@ from audience_relay.kafkautil import end_offsets, produce_all, read_topic, topic
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import arguments, bench_settings, broker
+from devtools.processes import Component, group_state, start_worker
 from schemas.records import SegmentEvent
-from tests.processes import Component, group_state, start_worker
 
 EVENT_TIME = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
 STAMP = EVENT_TIME.isoformat().replace("+00:00", "Z")

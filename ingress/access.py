@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.web_request import Request
 
+from audience_relay.auth import DEFAULT_SOURCE, Authenticator, Principal
 from ingress import metrics
-from ingress.auth import DEFAULT_SOURCE, Authenticator, Principal
 from ingress.errors import error_response, request_id_of
 from ingress.ratelimit import RateLimiter
 

@@ -22,11 +22,11 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from audience_relay.auth import DEFAULT_SOURCE, Authenticator
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from ingress import metrics
 from ingress.access import PRINCIPAL, access_middleware
-from ingress.auth import DEFAULT_SOURCE, Authenticator
 from ingress.errors import error_response, request_id_of
 from ingress.guard import deadline_middleware
 from ingress.publisher import BrokerUnavailable, Headers, Publisher

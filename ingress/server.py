@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from audience_relay.keys import KeysFileError
 from audience_relay.settings import Settings
 from ingress import metrics
 from ingress.app import AUTH, build_app, build_ops_app
 from ingress.guard import ConnectionLimits, GuardedSite
-from ingress.keys import KeysFileError
 
 log = logging.getLogger("ingress")
 

@@ -54,8 +54,8 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 from yarl import URL
 
+from audience_relay.auth import DEFAULT_SOURCE, Authenticator
 from audience_relay.settings import Settings
-from ingress.auth import DEFAULT_SOURCE, Authenticator
 from processors.membership import ENTER_US, MEMBER, SLUG, T_US, Value, from_us
 from processors.split import normalize_identifier
 

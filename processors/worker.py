@@ -24,10 +24,10 @@ from pathlib import Path
 import faust
 from aiokafka.errors import KafkaError
 
-from audience_relay.partitions import PartitionsError, check_worker
 from audience_relay.settings import Settings
 from audience_relay.topics import create_topics
 from processors.app import app_id, create_app
+from processors.partitions import PartitionsError, check_worker
 
 log = logging.getLogger("processors.worker")
 CLEAN_MARKER = "clean-shutdown"

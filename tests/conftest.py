@@ -7,19 +7,17 @@ Maven-resolved jars (and stopped at the end of the session).
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from audience_relay.localkafka import LocalKafka, free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
+from devtools.localkafka import LocalKafka, free_port
 from ingress.app import PUBLISHER, build_app
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -68,29 +66,6 @@ def local_kafka(tmp_path: Path) -> Iterator[LocalKafka]:
         yield broker
     finally:
         broker.stop(kill=True)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    """Wait until ``predicate()`` holds (polling state another component owns), or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():  # the state has no event to wait on
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-async def until_async(
-    predicate: Callable[[], Awaitable[bool]],
-    timeout: float = 60.0,
-    what: str = "condition",
-    interval: float = 0.5,
-) -> None:
-    """Like ``until`` for a check that itself does I/O (e.g. asks the broker)."""
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def make_settings(bootstrap: str, **overrides: object) -> Settings:

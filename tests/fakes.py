@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from audience_relay.localkafka import free_port
+from devtools.localkafka import free_port
 
 
 @dataclass

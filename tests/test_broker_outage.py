@@ -8,8 +8,8 @@ import aiohttp
 import orjson
 
 from audience_relay.kafkautil import read_topic
-from audience_relay.localkafka import LocalKafka
 from audience_relay.topics import TopicNames, create_topics
+from devtools.localkafka import LocalKafka
 from tests.conftest import make_settings, start_ingress
 
 KEY = {"X-API-KEY": "key-current"}

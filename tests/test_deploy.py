@@ -29,9 +29,9 @@ import yaml
 from pydantic import AliasChoices, SecretStr
 from pydantic_settings import BaseSettings
 
-from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
-from tests.conftest import until_async
+from devtools.localkafka import free_port
+from devtools.wait import until_async
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEPLOY = PROJECT / "deploy"

@@ -36,13 +36,13 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from audience_relay.kafkautil import produce_all, read_topic
-from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
+from devtools.localkafka import free_port
+from devtools.processes import Component, start_worker, wait_caught_up, wait_group
 from processors.split import Context, split_body
 from tests.conftest import make_settings
 from tests.hostile import Case, draw_corpus
-from tests.processes import Component, start_worker, wait_caught_up, wait_group
 
 KEY = {"X-API-KEY": "key-current"}
 QUICK_CASES = 300

@@ -12,14 +12,15 @@ import orjson
 import pytest
 from aiohttp import web
 
+from audience_relay.auth import Authenticator
 from audience_relay.kafkautil import read_topic, topic_size
-from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
+from devtools.localkafka import free_port
+from devtools.wait import until
 from ingress.app import BUDGET, build_app
-from ingress.auth import Authenticator
 from ingress.publisher import Headers, Publisher
-from tests.conftest import SAMPLES, RunningIngress, make_settings, start_ingress, until
+from tests.conftest import SAMPLES, RunningIngress, make_settings, start_ingress
 
 KEY = {"X-API-KEY": "key-current"}
 AUDIENCE_SAMPLES = sorted(p for p in SAMPLES.glob("*.json") if not p.name.startswith("enrichment"))

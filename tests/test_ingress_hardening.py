@@ -21,17 +21,18 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from audience_relay.auth import Authenticator
 from audience_relay.kafkautil import read_topic, topic_size
-from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
+from devtools.localkafka import free_port
+from devtools.wait import until
 from ingress import metrics
 from ingress.access import PUBLIC_ROUTES
 from ingress.app import AUTH, BUDGET, PUBLISHER, build_app
-from ingress.auth import Authenticator
 from ingress.ratelimit import RateLimiter
 from ingress.server import Listeners, TlsError, reload_secrets, start_listeners, tls_context
-from tests.conftest import make_settings, until
+from tests.conftest import make_settings
 
 KEY = {"X-API-KEY": "key-current"}
 

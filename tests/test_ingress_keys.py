@@ -13,13 +13,14 @@ import aiohttp
 import orjson
 import pytest
 
+from audience_relay.auth import Authenticator
 from audience_relay.kafkautil import read_topic
-from audience_relay.localkafka import free_port
+from audience_relay.keys import KeysFileError, read_keys_file
 from audience_relay.topics import TopicNames, create_topics
-from ingress.auth import Authenticator
-from ingress.keys import KeysFileError, read_keys_file
-from tests.conftest import make_settings, until, until_async
-from tests.processes import Component
+from devtools.localkafka import free_port
+from devtools.processes import Component
+from devtools.wait import until, until_async
+from tests.conftest import make_settings
 
 
 def write_keys(path: Path, document: dict[str, Any] | bytes) -> None:

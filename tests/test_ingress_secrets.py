@@ -15,12 +15,13 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from audience_relay.kafkautil import read_topic
-from audience_relay.localkafka import free_port
 from audience_relay.logs import JsonFormatter
 from audience_relay.topics import TopicNames, create_topics
-from tests.conftest import make_settings, start_ingress, until_async
+from devtools.localkafka import free_port
+from devtools.processes import Component, start_worker, wait_group
+from devtools.wait import until_async
+from tests.conftest import make_settings, start_ingress
 from tests.fakes import Answer, FakeDestination
-from tests.processes import Component, start_worker, wait_group
 
 SECRETS = ["sekrit-key-123", "client-sekrit-456", "sign-sekrit-789", "sekrit-key-124"]
 

@@ -8,8 +8,9 @@ import pytest
 
 from audience_relay.kafkautil import topic_size
 from audience_relay.topics import TopicNames, create_topics
-from tests.conftest import make_settings, until_async
-from tests.processes import read_json, start_worker, wait_for_outputs, wait_group
+from devtools.processes import read_json, start_worker, wait_for_outputs, wait_group
+from devtools.wait import until_async
+from tests.conftest import make_settings
 from tests.test_processors_e2e import bodies_for, oracle, preload
 
 
@@ -39,7 +40,7 @@ async def test_kill_9_mid_stream_loses_no_change(kafka_bootstrap: str, tmp_path:
         if worker.alive():
             worker.kill()
     # The dead member leaves the group when its session times out; restarting only then keeps a
-    # rebalance out of the middle of the replay (see tests.processes.wait_group).
+    # rebalance out of the middle of the replay (see devtools.processes.wait_group).
     await wait_group(settings, 0, timeout=180)
     restarted = start_worker(settings, tmp_path, "w1")  # same data dir, like a restarted pod
     try:

@@ -13,12 +13,13 @@ from prometheus_client import REGISTRY
 
 from audience_relay.kafkautil import read_topic
 from audience_relay.lag import LagMonitor, partition_lag
-from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
-from tests.conftest import SAMPLES, start_ingress, until_async
+from devtools.localkafka import free_port
+from devtools.processes import Component, wait_group
+from devtools.wait import until_async
+from tests.conftest import SAMPLES, start_ingress
 from tests.fakes import Answer, FakeDestination
-from tests.processes import Component, wait_group
 
 
 def lag_sample(group: str, topic: str, partition: int) -> float | None:

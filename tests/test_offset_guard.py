@@ -26,7 +26,7 @@ from aiokafka.structs import TopicPartition
 from faust.types import TP
 
 from audience_relay.kafkautil import committed_offsets, produce_all, read_topic
-from tests.conftest import until_async
+from devtools.wait import until_async
 
 RECORDS = 3000
 

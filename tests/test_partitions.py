@@ -17,16 +17,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
-from audience_relay import partitions as parts
 from audience_relay.kafkautil import committed_offsets, end_offsets, produce_all, read_topic, topic_size
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
+from devtools.processes import Component, start_worker, wait_caught_up, wait_group
+from devtools.wait import until_async
+from processors import partitions as parts
 from processors.app import app_id, create_app
 from processors.membership import fold
 from processors.split import Context, split_body
 from schemas.records import SegmentEvent
-from tests.conftest import make_settings, until_async
-from tests.processes import Component, start_worker, wait_caught_up, wait_group
+from tests.conftest import make_settings
 
 IDENTIFIERS = 100_000
 

@@ -9,9 +9,10 @@ import orjson
 
 from audience_relay.kafkautil import read_topic
 from audience_relay.topics import TopicNames, create_topics
-from tests.conftest import SAMPLES, start_ingress, until, until_async
+from devtools.processes import start_worker, wait_group
+from devtools.wait import until, until_async
+from tests.conftest import SAMPLES, start_ingress
 from tests.fakes import FakeDestination
-from tests.processes import start_worker, wait_group
 from tests.test_sinks import Running, sink_settings
 
 AUDIENCE = "42976a269a5e6b9d06c681b1c27292df"

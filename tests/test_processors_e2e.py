@@ -12,13 +12,20 @@ from aiokafka.admin import AIOKafkaAdminClient
 from audience_relay.kafkautil import produce_all, read_topic
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
+from devtools.processes import (
+    raw_headers,
+    read_json,
+    start_worker,
+    wait_caught_up,
+    wait_for_outputs,
+    wait_group,
+)
 from processors.app import app_id
 from processors.membership import fold
 from processors.split import Context, split_body
 from processors.worker import CLEAN_MARKER
 from schemas.records import MembershipChange, MembershipState, SegmentEvent
 from tests.conftest import SAMPLES, make_settings, start_ingress
-from tests.processes import raw_headers, read_json, start_worker, wait_caught_up, wait_for_outputs, wait_group
 
 KEY = {"X-API-KEY": "key-current"}
 AUDIENCE = "42976a269a5e6b9d06c681b1c27292df"

@@ -15,10 +15,12 @@ import yaml
 from faust.types import TP
 from openapi_spec_validator import validate
 
-from audience_relay.localkafka import free_port
+from audience_relay.auth import Authenticator
 from audience_relay.settings import Settings
 from audience_relay.topics import create_topics
-from ingress.auth import Authenticator
+from devtools.localkafka import free_port
+from devtools.processes import Component, wait_for_outputs, wait_group
+from devtools.wait import until_async
 from processors.app import create_app
 from processors.membership import fold
 from processors.queries import (
@@ -31,8 +33,7 @@ from processors.queries import (
     parse_partitions,
     partition_for,
 )
-from tests.conftest import make_settings, until_async
-from tests.processes import Component, wait_for_outputs, wait_group
+from tests.conftest import make_settings
 from tests.test_processors_e2e import bodies_for, oracle, preload
 
 KEY = {"X-API-KEY": "key-current"}

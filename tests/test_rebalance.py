@@ -20,10 +20,7 @@ import pytest
 from audience_relay.kafkautil import produce_all, topic_size
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
-from processors.membership import fold
-from processors.split import Context, split_body
-from tests.conftest import make_settings, until_async
-from tests.processes import (
+from devtools.processes import (
     Component,
     changelog_table,
     group_state,
@@ -33,6 +30,10 @@ from tests.processes import (
     wait_for_outputs,
     wait_group,
 )
+from devtools.wait import until_async
+from processors.membership import fold
+from processors.split import Context, split_body
+from tests.conftest import make_settings
 from tests.test_processors_e2e import bodies_for
 
 

@@ -13,18 +13,19 @@ import orjson
 import pytest
 
 from audience_relay.kafkautil import produce_all, read_topic
-from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
+from devtools.localkafka import free_port
+from devtools.processes import Component
+from devtools.wait import until, until_async
 from processors.membership import fold
 from schemas.records import SegmentEvent
 from sinks import metrics as sink_metrics
 from sinks.base import Delivered, GiveUp, RetryAfter, idempotency_key, lytics_record
 from sinks.http import classify, retry_after_seconds
 from sinks.run import replay_dead_letters, serve
-from tests.conftest import make_settings, until, until_async
+from tests.conftest import make_settings
 from tests.fakes import Answer, FakeDestination
-from tests.processes import Component
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from audience_relay.auth import Authenticator
 from audience_relay.settings import Settings
-from ingress.auth import Authenticator
 from ingress.validation import body_problem
 
 

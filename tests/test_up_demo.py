@@ -8,7 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from audience_relay.localkafka import free_port
+from devtools.localkafka import free_port
 from tests.conftest import PROJECT
 
 

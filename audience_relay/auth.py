@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from audience_relay.keys import ANY_SOURCE, Credentials, KeysFileError, digest, load_credentials
 from audience_relay.settings import Settings
-from ingress.keys import ANY_SOURCE, Credentials, KeysFileError, digest, load_credentials
 
 DEFAULT_SOURCE = "default"
 TOKEN_PREFIX = "rt1."

@@ -15,10 +15,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from audience_relay.kafkautil import group_lag, read_topic
-from audience_relay.localkafka import free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
-from tests.conftest import until_async
+from devtools.localkafka import free_port
+from devtools.wait import until_async
 
 
 class Component:

@@ -27,11 +27,11 @@ from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
 from audience_relay.kafkautil import end_offsets, group_lag, read_topic, topic_size
-from audience_relay.localkafka import LocalKafka, free_port
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
+from devtools.localkafka import LocalKafka, free_port
 
-log = logging.getLogger("audience_relay.up")
+log = logging.getLogger("devtools.up")
 
 
 def load_samples(folder: Path) -> list[tuple[str, bytes]]:

@@ -1,0 +1,1 @@
+"""Local and development tooling: the Maven-jar Kafka broker, the demo, component processes."""

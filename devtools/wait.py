@@ -1,0 +1,30 @@
+"""Waiting on a condition another component owns: poll it, never sleep a fixed time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Wait until ``predicate()`` holds (polling state another component owns), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():  # the state has no event to wait on
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def until_async(
+    predicate: Callable[[], Awaitable[bool]],
+    timeout: float = 60.0,
+    what: str = "condition",
+    interval: float = 0.5,
+) -> None:
+    """Like ``until`` for a check that itself does I/O (e.g. asks the broker)."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
