@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from audience_relay.settings import Settings
 
@@ -25,8 +26,7 @@ class TopicNames:
     membership_changes: str
     membership: str
     analytics: str
-    #: The membership table's changelog (faust names it ``<app id>-<table>-changelog``).
-    changelog: str
+    field_changes: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TopicNames:
@@ -38,8 +38,42 @@ class TopicNames:
             membership_changes=f"{p}.membership-changes",
             membership=f"{p}.membership",
             analytics=settings.analytics_topic or f"{p}.analytics",
-            changelog=f"{p}-processors-membership-changelog",
+            field_changes=f"{p}.field-changes",
         )
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Every consumer group name, derived from the prefix once."""
+
+    #: The split stage (``webhooks.raw``): a regular consumer group of the workers.
+    split: str
+    #: The membership table's faust app: assigns table partitions (active and standby); no offsets.
+    tables: str
+    #: Offsets of ``segment-events`` committed by the membership stage (no members: the table
+    #: assignment decides who reads which partition).
+    membership: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Groups:
+        p = settings.topic_prefix
+        return cls(
+            split=f"{p}-processors", tables=f"{p}-processors-tables", membership=f"{p}-processors-membership"
+        )
+
+    def sink(self, destination: str) -> str:
+        """The consumer group of the sink ``destination``."""
+        return f"{self.split.removesuffix('-processors')}.sink.{destination}"
+
+
+def partition_for(identifier: str, partitions: int) -> int:
+    """The partition of an identifier's records: Kafka's default partitioner on its UTF-8 bytes.
+
+    Every identifier-keyed topic (segment events, changes, state) puts one identifier in the same
+    partition, so the worker owning a partition of the table sees all of that identifier's events.
+    """
+    hashed: int = murmur2(identifier.encode())
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 @dataclass(frozen=True)
@@ -78,13 +112,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             },
         ),
         TopicSpec(names.membership_changes, n, {"cleanup.policy": "delete"}),
-        # Current state: one record per (identifier, audience); compaction keeps the newest.
+        # Current state: one record per (identifier, audience); compaction keeps the newest. It is
+        # also the membership table's changelog (recovery and standby copies read it).
         TopicSpec(names.membership, n, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
+        TopicSpec(names.field_changes, n, {"cleanup.policy": "delete"}),
         TopicSpec(names.analytics, n, {"cleanup.policy": "delete"}),
-        # Created here, not left to the worker's faust: a changelog it creates at start can still be
-        # described with no partitions when the first batch writes the table, and faust then stops
-        # the agent with PartitionsMismatch (seen on a freshly started broker).
-        TopicSpec(names.changelog, n, {"cleanup.policy": "compact"}),
     ]
 
 

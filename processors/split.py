@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from schemas.records import SegmentEvent
+from schemas.records import FieldChange, SegmentEvent
 
 MAX_IDENTIFIER_BYTES = 256  # Lytics' published limit for a profile identifier
 MAX_IDENTIFIERS = 50  # Lytics' published limit of stitched identifiers
@@ -46,9 +46,11 @@ class Rejected:
 
 @dataclass
 class Split:
-    """What one raw body became: segment events (as dicts matching ``SegmentEvent``) and rejects."""
+    """What one raw body became: segment events and field changes (dicts matching ``SegmentEvent``
+    and ``FieldChange``), and rejects."""
 
     events: list[dict[str, Any]] = field(default_factory=list)
+    field_changes: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
 
 
@@ -60,6 +62,8 @@ class Context:
     request_id: str
     received_at: datetime
     match_field: str
+    #: Other identifier fields of ``data`` kept with every event (e.g. ``_id``, the Lytics ID).
+    identifier_fields: tuple[str, ...] = ("_id",)
 
 
 class _Reject(Exception):
@@ -205,6 +209,29 @@ def _bounded_fields(data: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _other_identifiers(data: dict[str, Any], ctx: Context) -> dict[str, str]:
+    """The configured identifier fields the record exported, normalized; an array gives its first value."""
+    out: dict[str, str] = {}
+    for name in ctx.identifier_fields:
+        if name == ctx.match_field:
+            continue
+        raw = data.get(name)
+        if isinstance(raw, list):
+            raw = next((v for v in raw if v not in (None, "")), None)
+        if raw is None or isinstance(raw, bool) or not isinstance(raw, str | int | float):
+            continue
+        value = normalize_identifier(str(raw), name)
+        if not value:
+            continue
+        size = len(value.encode())
+        if size > MAX_IDENTIFIER_BYTES:
+            raise _Reject(
+                "identifier_too_long", f"the '{name}' value has {size} bytes (limit {MAX_IDENTIFIER_BYTES})"
+            )
+        out[name] = value
+    return out
+
+
 def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
     """The segment events of one Lytics user record; raises ``_Reject`` when it cannot be used."""
     if not isinstance(record, dict):
@@ -257,11 +284,31 @@ def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
             when, when_source = fallback, fallback_source
         audience_id = _token(audience, f"segment_events[{position}].id")
         parsed.append((audience_id, slug if isinstance(slug, str) else None, kind, when, when_source))
+    identifiers = _other_identifiers(data, ctx)
     for ident in idents:
         for audience_id, slug, kind, when, when_source in parsed:
+            event_id = SegmentEvent.make_id(ident, audience_id, kind, when)
+            if kind == "change":
+                yield {
+                    "schema_version": 1,
+                    "change_id": FieldChange.make_id(ident, event_id),
+                    "event_id": event_id,
+                    "identifier": ident,
+                    "match_field": ctx.match_field,
+                    "identifiers": identifiers,
+                    "trigger_id": audience_id,
+                    "trigger_slug": slug,
+                    "fields": fields,
+                    "event_time": when,
+                    "event_time_source": when_source,
+                    "lytics_user_id": lytics_user_id,
+                    "source": ctx.source,
+                    "request_id": ctx.request_id,
+                }
+                continue
             yield {
-                "schema_version": 1,
-                "event_id": SegmentEvent.make_id(ident, audience_id, kind, when),
+                "schema_version": 2,
+                "event_id": event_id,
                 "identifier": ident,
                 "match_field": ctx.match_field,
                 "audience_id": audience_id,
@@ -270,10 +317,10 @@ def split_record(record: Any, ctx: Context) -> Iterator[dict[str, Any]]:
                 "event_time": when,
                 "event_time_source": when_source,
                 "lytics_user_id": lytics_user_id,
+                "identifiers": identifiers,
                 "source": ctx.source,
                 "request_id": ctx.request_id,
                 "received_at": ctx.received_at,
-                "fields": fields if kind == "change" else None,
             }
 
 
@@ -295,7 +342,8 @@ def split_body(body: bytes, ctx: Context) -> Split:
         return out
     for index, record in enumerate(records):
         try:
-            out.events.extend(split_record(record, ctx))
+            for item in split_record(record, ctx):
+                (out.field_changes if "change_id" in item else out.events).append(item)
         except _Reject as rej:
             reason, original = rej.reason, body
             if batch:
