@@ -21,7 +21,7 @@ depends only on the identifier, audience, change and causing event — so a repl
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas.records import MembershipChange
@@ -32,12 +32,15 @@ _RANK = {"enter": 0, "exit": 1}
 Value = dict[str, Any]
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def to_us(value: datetime | str) -> int:
-    """Microseconds since the epoch (UTC)."""
+    """Microseconds since the epoch (UTC), exactly: integer arithmetic (a float loses microseconds
+    and overflows far from the epoch; this never raises for any datetime)."""
     dt = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return (
-        int(dt.timestamp() * 1_000_000) if dt.tzinfo else int(dt.replace(tzinfo=UTC).timestamp() * 1_000_000)
-    )
+    return ((dt if dt.tzinfo else dt.replace(tzinfo=UTC)) - _EPOCH) // _MICROSECOND
 
 
 def from_us(us: int | None) -> str | None:
