@@ -35,7 +35,7 @@ async def test_topics_create_makes_every_topic_with_its_configs(kafka_bootstrap:
         names.membership_changes,
         names.membership,
         names.analytics,
-        names.changelog,
+        names.field_changes,
     }
     assert all(r.created and r.partitions == 5 for r in first)
     again = await create_topics(settings)  # idempotent
@@ -45,7 +45,7 @@ async def test_topics_create_makes_every_topic_with_its_configs(kafka_bootstrap:
     assert raw["retention.ms"] == str(48 * 3_600_000)
     assert int(raw["max.message.bytes"]) > settings.max_body_bytes
     assert (await _configs(kafka_bootstrap, names.membership))["cleanup.policy"] == "compact"
-    assert (await _configs(kafka_bootstrap, names.changelog))["cleanup.policy"] == "compact"
+    assert (await _configs(kafka_bootstrap, names.field_changes))["cleanup.policy"] == "delete"
 
 
 def test_cli_topics_create_and_kafka_status(kafka_bootstrap: str) -> None:
