@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from audience_relay.settings import Settings
 from audience_relay.topics import Groups, TopicNames
 from processors import flow, operations
-from processors.outbox import OutputError
+from processors.outbox import BatchProducer, OutputError
 from processors.queries import advertised_url, register_queries
 from processors.stages import MembershipStage, SplitStage
 from processors.state import StateStore
@@ -100,12 +100,12 @@ class Processors:
             group_id=groups.membership,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         self._clients = [producer, split_consumer, membership_consumer]
+        batches = BatchProducer(producer)
         return (
-            SplitStage(settings, producer, split_consumer),
-            MembershipStage(settings, producer, membership_consumer, self.store),
+            SplitStage(settings, producer, batches, split_consumer),
+            MembershipStage(settings, producer, batches, membership_consumer, self.store),
         )
 
     # --- faust's table assignment drives the membership stage ---------------------------------------

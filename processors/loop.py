@@ -3,8 +3,9 @@
 One aiokafka consumer fetches for every partition it holds. Each partition's records go to that
 partition's inbox and are handled by one task at a time, in offset order, in batches (the handler
 processes a batch, waits for its outputs and commits after it). Partitions run concurrently, so one
-partition's wait for the broker overlaps another's work. A partition whose inbox holds more than
-``max_buffered_bytes`` is paused (aiokafka's public ``pause``) until its task catches up.
+partition's wait for the broker overlaps another's work. The inboxes together hold at most about
+``max_buffered_bytes``: a partition holding more than its share is paused (aiokafka's public
+``pause``) until its task catches up, so memory follows the setting, not the backlog.
 
 Nothing here goes through faust's consumer: records are never dropped or re-marked by a flow
 control, and an offset is committed only by the handler, after the batch's outputs were
@@ -112,12 +113,14 @@ class PartitionedLoop:
             self._wake.set()
 
     def _flow_control(self, assigned: Iterable[TopicPartition]) -> None:
-        for tp in assigned:
+        tps = list(assigned)
+        share = self.max_buffered_bytes // max(1, len(tps))
+        for tp in tps:
             buffered = self._buffered.get(tp, 0)
-            if buffered >= self.max_buffered_bytes and tp not in self._paused:
+            if buffered >= share and tp not in self._paused:
                 self.consumer.pause(tp)
                 self._paused.add(tp)
-            elif buffered < self.max_buffered_bytes // 2 and tp in self._paused:
+            elif buffered < share // 2 and tp in self._paused:
                 self.consumer.resume(tp)
                 self._paused.discard(tp)
 

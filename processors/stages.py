@@ -49,7 +49,7 @@ from audience_relay.topics import TopicNames, partition_for
 from processors import metrics
 from processors.loop import PartitionedLoop
 from processors.membership import decide, state_key
-from processors.outbox import Outbox
+from processors.outbox import BatchProducer, Outbox
 from processors.split import Context, Rejected, Split, split_body
 from processors.state import StateStore
 
@@ -91,10 +91,17 @@ def dead_letter_headers(
 class SplitStage:
     """``webhooks.raw`` → ``segment-events`` (+ ``field-changes``, ``dead-letter``)."""
 
-    def __init__(self, settings: Settings, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        producer: AIOKafkaProducer,
+        batches: BatchProducer,
+        consumer: AIOKafkaConsumer,
+    ) -> None:
         self.settings = settings
         self.names = TopicNames.from_settings(settings)
         self.producer = producer
+        self.batches = batches
         self.consumer = consumer
         self.identifier_fields = settings.kept_identifier_fields()
         self.loop = PartitionedLoop(
@@ -103,7 +110,7 @@ class SplitStage:
             name="split",
             batch_records=64,
             batch_bytes=4 * 1024 * 1024,
-            max_buffered_bytes=max(16 * 1024 * 1024, 2 * settings.max_body_bytes),
+            max_buffered_bytes=32 * 1024 * 1024,
         )
         self.running = False
 
@@ -130,7 +137,7 @@ class SplitStage:
     async def handle(self, tp: TopicPartition, records: list[Record]) -> None:
         """Split a batch of raw bodies, produce everything, wait for the broker, commit."""
         names, partitions = self.names, self.settings.partitions
-        outbox = Outbox(self.producer)
+        outbox = Outbox(self.batches)
         dead_letters: list[asyncio.Future[Any]] = []
         for record in records:
             headers = _headers(record)
@@ -259,12 +266,14 @@ class MembershipStage:
         self,
         settings: Settings,
         producer: AIOKafkaProducer,
+        batches: BatchProducer,
         consumer: AIOKafkaConsumer,
         store: StateStore,
     ) -> None:
         self.settings = settings
         self.names = TopicNames.from_settings(settings)
         self.producer = producer
+        self.batches = batches
         self.consumer = consumer
         self.store = store
         self.counts = AudienceCounts()
@@ -350,7 +359,7 @@ class MembershipStage:
         if partition not in self.active:
             return  # stopped meanwhile: the next owner reads these again
         names = self.names
-        dead = Outbox(self.producer)
+        dead = Outbox(self.batches)
         events: list[dict[str, Any]] = []
         for record in records:
             try:
@@ -374,7 +383,7 @@ class MembershipStage:
         states: dict[bytes, dict[str, Any] | None] = {}
         before: dict[bytes, bool] = {}
         dirty: dict[bytes, None] = {}
-        changes = Outbox(self.producer)
+        changes = Outbox(self.batches)
         flips: list[str] = []
         for event, key in zip(events, keys, strict=True):
             if key is None:
@@ -413,7 +422,7 @@ class MembershipStage:
             await changes.flush()
         if dirty:
             writes = [(key, orjson.dumps(states[key])) for key in dirty]
-            out = Outbox(self.producer)
+            out = Outbox(self.batches)
             for key, value in writes:
                 out.add(names.membership, partition, key, value)
             last = (await out.flush())[(names.membership, partition)]
