@@ -396,6 +396,27 @@ def test_dockerfile_installs_the_project_and_runs_as_a_user() -> None:
     assert f"RELAY_WORKER_DATA_DIR={worker.settings.worker_data_dir}" in text
 
 
+def test_dockerfile_installs_the_locked_versions_of_the_runtime_dependencies() -> None:
+    """Every pip command of the image takes requirements.lock as constraints, and installs the project
+    without its dev extra: the image gets the runtime dependencies at the versions CI tested."""
+    lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().splitlines()]
+    ignored = {line.strip() for line in (PROJECT / ".dockerignore").read_text().splitlines()}
+    assert "requirements.lock" not in ignored
+    assert "COPY requirements.lock ./" in lines
+    pips = [line for line in lines if re.search(r"\bpip (wheel|install|download)\b", line)]
+    assert len(pips) == 2, pips  # the build stage's wheels and the runtime stage's install
+    for line in pips:
+        assert re.search(r"(^|\s)-c \S*requirements\.lock(\s|$)", line), line
+        assert "[dev]" not in line and "--upgrade" not in line, line
+    [install] = [line for line in pips if "pip install" in line]
+    assert "--no-index" in install  # only the wheels built under the lock
+    # The runtime stage reads the lock from where it copies it.
+    [copied] = [
+        line for line in lines if line.startswith("COPY --from=build") and "requirements.lock" in line
+    ]
+    assert copied.split()[-1] in install
+
+
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
