@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: demo up test lint lockcheck audit lock promtool bench install kafka-jars clean
+.PHONY: demo up test unit lint lockcheck audit lock promtool bench install kafka-jars clean
 
 demo: install kafka-jars ## the whole pipeline locally on the sample payloads, then stop
 	$(BIN)/audience-relay up --demo
@@ -17,6 +17,11 @@ up: install kafka-jars ## the whole pipeline locally; keeps serving until Ctrl-C
 # is reproducible; a plain `pytest` skips the slow tests and draws new examples.
 test: install kafka-jars ## the whole test suite against a real broker
 	$(BIN)/pytest --run-slow --hypothesis-seed=20261123
+
+# The same run without the tests that need a broker (marked kafka automatically, see tests/conftest.py):
+# no Java, no Kafka jars, seconds.
+unit: install ## the tests that need no broker
+	$(BIN)/pytest -m "not kafka" --run-slow --hypothesis-seed=20261123
 
 audit: install ## known vulnerabilities in the locked dependencies (pip-audit)
 	$(BIN)/python scripts/audit.py $(LOCK)

@@ -433,7 +433,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-async def test_a_running_ingress_answers_its_probes_and_scrape(settings: Settings, tmp_path: Path) -> None:
+async def test_a_running_ingress_answers_its_probes_and_scrape(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
     """``audience-relay ingress`` with the manifest's env (and the example Secret) serves what the
     manifest probes and scrapes. Ports are moved to free ones, the broker is the test broker."""
     [ingress] = [c for c in containers() if c.component.kind == "ingress"]
@@ -441,8 +443,8 @@ async def test_a_running_ingress_answers_its_probes_and_scrape(settings: Setting
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
     env.update(ingress.env)
     env.update(
-        KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
-        RELAY_TOPIC_PREFIX=settings.topic_prefix,
+        KAFKA_BOOTSTRAP_SERVERS=kafka_settings.kafka_bootstrap_servers,
+        RELAY_TOPIC_PREFIX=kafka_settings.topic_prefix,
         RELAY_INGRESS_HOST="127.0.0.1",
         RELAY_INGRESS_PORT=str(port),
         RELAY_INGRESS_METRICS_PORT=str(metrics_port),
