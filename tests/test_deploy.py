@@ -420,9 +420,10 @@ async def test_a_running_ingress_answers_its_probes_and_scrape(settings: Setting
     [ingress] = [c for c in containers() if c.component.kind == "ingress"]
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
-    env.update(ingress.env)
+    # The manifest's Kafka connection (a SASL_SSL cluster) is replaced by the test broker's.
+    env.update({k: v for k, v in ingress.env.items() if not k.startswith("KAFKA_")})
+    env.update({k: v for k, v in settings.to_env().items() if k.startswith("KAFKA_")})
     env.update(
-        KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
         RELAY_TOPIC_PREFIX=settings.topic_prefix,
         RELAY_INGRESS_HOST="127.0.0.1",
         RELAY_INGRESS_PORT=str(port),
