@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from audience_relay import kafka
 from audience_relay.kafkautil import group_lag, read_topic
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
-from audience_relay.topics import Groups, TopicNames
+from audience_relay.topics import TopicNames
 from devtools.localkafka import free_port
 from devtools.wait import until_async
 
@@ -71,7 +72,7 @@ def start_worker(settings: Settings, tmp: Path, name: str = "w1", **env: str) ->
 
 async def wait_caught_up(settings: Settings, workers: list[Component], timeout: float = 180) -> None:
     """Until the split has committed all of the raw topic and the membership stage all segment events."""
-    names, groups = TopicNames.from_settings(settings), Groups.from_settings(settings)
+    names, groups = TopicNames.from_settings(settings), GroupNames.from_settings(settings)
     lag = -1
 
     async def done() -> bool:
@@ -79,9 +80,8 @@ async def wait_caught_up(settings: Settings, workers: list[Component], timeout: 
         for w in workers:
             assert w.alive(), f"worker died; see {w.log}:\n{w.log.read_text()[-3000:]}"
         try:
-            bootstrap = settings.kafka_bootstrap_servers
-            lag = await group_lag(bootstrap, groups.split, [names.raw])
-            lag += await group_lag(bootstrap, groups.membership, [names.segment_events])
+            lag = await group_lag(settings, groups.split, [names.raw])
+            lag += await group_lag(settings, groups.membership, [names.segment_events])
         except KafkaError:  # e.g. the group coordinator is still being elected
             return False
         return lag == 0
@@ -98,7 +98,7 @@ async def wait_for_outputs(
     settings: Settings,
     workers: list[Component],
     expected_changes: set[str],
-    expected_table: dict[str, Any],
+    expected_table: dict[bytes, Any],
     timeout: float = 240,
 ) -> list[dict[str, Any]]:
     """Until every expected change id is in membership-changes and the changelog holds the expected table.
@@ -107,7 +107,7 @@ async def wait_for_outputs(
     """
     names = TopicNames.from_settings(settings)
     changes: list[dict[str, Any]] = []
-    table: dict[str, Any] = {}
+    table: dict[bytes, Any] = {}
 
     async def done() -> bool:
         nonlocal changes, table
@@ -138,7 +138,7 @@ async def changelog_table(settings: Settings) -> dict[bytes, Any]:
     """
     topic = TopicNames.from_settings(settings).membership
     out: dict[bytes, Any] = {}
-    for r in await read_topic(settings.kafka_bootstrap_servers, topic):
+    for r in await read_topic(settings, topic):
         if r.value is None:
             out.pop(r.key, None)
         else:
@@ -148,10 +148,12 @@ async def changelog_table(settings: Settings) -> dict[bytes, Any]:
 
 async def group_state(settings: Settings, group: str | None = None) -> tuple[str, int]:
     """(state, member count) of a consumer group, by default the workers' table group."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = kafka.admin(settings)
     await admin.start()
     try:
-        [response] = await admin.describe_consumer_groups([group or Groups.from_settings(settings).tables])
+        [response] = await admin.describe_consumer_groups(
+            [group or GroupNames.from_settings(settings).tables]
+        )
     finally:
         await admin.close()
     _, _, state, _, _, members, *_ = response.groups[0]
@@ -164,7 +166,7 @@ async def wait_group(settings: Settings, members: int, timeout: float = 120) -> 
     Tests that are not about rebalancing start their data once the groups have settled, so that what
     they check does not depend on when a rebalance happens (the rebalance tests do the opposite).
     """
-    groups = Groups.from_settings(settings)
+    groups = GroupNames.from_settings(settings)
 
     async def settled() -> bool:
         for group in (groups.tables, groups.split):
@@ -181,7 +183,7 @@ async def wait_group(settings: Settings, members: int, timeout: float = 120) -> 
 
 
 async def read_json(settings: Settings, topic: str) -> list[dict[str, Any]]:
-    return [orjson.loads(r.value) for r in await read_topic(settings.kafka_bootstrap_servers, topic)]
+    return [orjson.loads(r.value) for r in await read_topic(settings, topic)]
 
 
 async def read_segment_events(settings: Settings) -> list[dict[str, Any]]:

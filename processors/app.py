@@ -5,7 +5,7 @@
                               └─▶ <prefix>.dead-letter
 
 faust runs the membership table: the consumer group that assigns table partitions to workers
-(``Groups.tables``), recovery of a partition's RocksDB from the changelog — the compacted
+(``GroupNames.tables``), recovery of a partition's RocksDB from the changelog — the compacted
 ``<prefix>.membership`` topic itself — when a worker takes it, standby copies on other workers, the
 worker's lifecycle and its web server. The stages (processors/stages.py) move the data with plain
 aiokafka loops, so no record passes through faust's stream consumer: its fetch loop and flow
@@ -20,12 +20,13 @@ import os
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from audience_relay import kafka
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
-from audience_relay.topics import Groups, TopicNames
+from audience_relay.topics import TopicNames
 from processors import flow, operations
 from processors.outbox import BatchProducer, OutputError
 from processors.queries import advertised_url, register_queries
@@ -51,7 +52,7 @@ def _rocksdb_options(settings: Settings) -> dict[str, int]:
 
 def app_id(settings: Settings) -> str:
     """The faust app id: the table group's name and the folder of the worker's tables."""
-    return Groups.from_settings(settings).tables
+    return GroupNames.from_settings(settings).tables
 
 
 class Processors:
@@ -72,33 +73,29 @@ class Processors:
 
     def _make_stages(self) -> tuple[SplitStage, MembershipStage]:
         settings = self.settings
-        groups = Groups.from_settings(settings)
-        bootstrap = settings.kafka_bootstrap_servers
-        producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
+        groups = GroupNames.from_settings(settings)
+        producer = kafka.producer(
+            settings,
             client_id="audience-relay-worker",
-            enable_idempotence=True,
             linger_ms=5,
             max_batch_size=1024 * 1024,
             # A dead letter keeps a whole webhook body.
             max_request_size=settings.max_body_bytes + 1024 * 1024,
         )
         session_ms = int(settings.worker_session_timeout_seconds * 1000)
-        split_consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        split_consumer = kafka.consumer(
+            settings,
             client_id="audience-relay-split",
             group_id=groups.split,
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=min(3000, session_ms // 3),
             max_poll_interval_ms=max(300_000, session_ms),
         )
-        membership_consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        membership_consumer = kafka.consumer(
+            settings,
             client_id="audience-relay-membership",
             group_id=groups.membership,
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
         )
         self._clients = [producer, split_consumer, membership_consumer]
@@ -172,7 +169,8 @@ def create_app(settings: Settings) -> faust.App:
     names = TopicNames.from_settings(settings)
     app = flow.App(
         app_id(settings),
-        broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
+        # The brokers and their credentials (SASL/TLS) come from the one client factory.
+        **kafka.faust_broker_settings(settings),
         store="rocksdb://" if settings.table_store == "rocksdb" else "memory://",
         # Tables live under the app id: a worker data dir shared by two prefixes must not mix them.
         datadir=str(settings.worker_data_dir / app_id(settings)),

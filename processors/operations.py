@@ -19,8 +19,9 @@ import faust
 import orjson
 
 from audience_relay.lag import LagMonitor
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
-from audience_relay.topics import Groups, TopicNames
+from audience_relay.topics import TopicNames
 from processors import metrics
 
 if TYPE_CHECKING:
@@ -68,17 +69,10 @@ def install(app: faust.App, settings: Settings, processors: Processors) -> None:
 
     metrics.TABLE_KEYS.bind(lambda: list(table_keys(processors)))
 
-    names, groups = TopicNames.from_settings(settings), Groups.from_settings(settings)
+    names, groups = TopicNames.from_settings(settings), GroupNames.from_settings(settings)
     monitors = [
-        LagMonitor(
-            settings.kafka_bootstrap_servers, groups.split, [names.raw], settings.lag_interval_seconds
-        ),
-        LagMonitor(
-            settings.kafka_bootstrap_servers,
-            groups.membership,
-            [names.segment_events],
-            settings.lag_interval_seconds,
-        ),
+        LagMonitor(settings, groups.split, [names.raw], settings.lag_interval_seconds),
+        LagMonitor(settings, groups.membership, [names.segment_events], settings.lag_interval_seconds),
     ]
 
     async def consumer_lag() -> None:

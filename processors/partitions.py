@@ -56,15 +56,17 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from tqdm import tqdm
 
+from audience_relay import kafka
+from audience_relay.exits import ExitCode
+from audience_relay.names import SINKS, GroupNames
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
-from audience_relay.topics import Groups, TopicNames
-from audience_relay.topics import partition_for as identifier_partition
+from audience_relay.topics import TopicNames, replica_configs
 
 MOVED_TO = "relay-moved-to"
 MOVED_FROM = "relay-moved-from"
-EXIT_REFUSED = 5
+EXIT_REFUSED = ExitCode.PARTITIONS_REFUSED
 _STATE_KEY = b"partitions"
-_SINKS = ("pushly", "odp", "analytics")
 
 
 class PartitionsError(Exception):
@@ -76,7 +78,7 @@ class PartitionsError(Exception):
 
 def state_topic(settings: Settings) -> str:
     """The compacted topic recording an unfinished or finished partition move."""
-    return f"{settings.topic_prefix}.partitions"
+    return TopicNames.from_settings(settings).partition_moves
 
 
 # --- pure functions -------------------------------------------------------------------------------
@@ -93,7 +95,7 @@ def regroup(value: bytes | None, partitions: int) -> dict[int, bytes] | None:
         events = orjson.loads(value or b"")["events"]
         grouped: dict[int, list[Any]] = {}
         for event in events:
-            grouped.setdefault(identifier_partition(event["identifier"], partitions), []).append(event)
+            grouped.setdefault(partition_for(event["identifier"], partitions), []).append(event)
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return None
     return {p: orjson.dumps({"schema_version": 2, "events": evs}) for p, evs in grouped.items()}
@@ -148,7 +150,7 @@ class MoveFinder:
             return
         target = self._targets.get(key)
         if target is None:
-            target = identifier_partition(self.partition_key(key), self.partitions)
+            target = partition_for(self.partition_key(key), self.partitions)
             if target == self.partition:
                 return  # a key that stays: not kept (seen again, it is recomputed)
             self._targets[key] = target
@@ -240,7 +242,7 @@ def check(settings: Settings, topics: list[Topic], state: ClusterState, to: int)
                 f"--to {to} is not larger than the current partition count of {source} "
                 f"({present[source]}): choose a larger count"
             )
-    groups = Groups.from_settings(settings)
+    groups = GroupNames.from_settings(settings)
     workers = {groups.split, groups.tables, groups.membership}
     names = TopicNames.from_settings(settings)
     for g in state.groups:
@@ -277,15 +279,13 @@ def check(settings: Settings, topics: list[Topic], state: ClusterState, to: int)
 
 
 def _admin(settings: Settings) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers, client_id="audience-relay-partitions"
-    )
+    return kafka.admin(settings, client_id="audience-relay-partitions")
 
 
 def _consumer(settings: Settings) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
+    return kafka.consumer(
+        settings,
+        client_id="audience-relay-partitions",
         max_partition_fetch_bytes=16 << 20,
         fetch_max_bytes=64 << 20,
         # One partition is read at a time; a fetch waiting for data that will never come (the
@@ -327,7 +327,7 @@ async def _read_move(settings: Settings, exists: bool) -> dict[str, Any] | None:
 
 async def read_state(settings: Settings, topics: list[Topic]) -> ClusterState:
     """Partition counts, the consumer groups reading changed topics, and any move on record."""
-    names, groups = TopicNames.from_settings(settings), Groups.from_settings(settings)
+    names, groups = TopicNames.from_settings(settings), GroupNames.from_settings(settings)
     keyed = {names.segment_events, names.membership_changes, names.field_changes, names.membership}
     admin = _admin(settings)
     await admin.start()
@@ -335,7 +335,7 @@ async def read_state(settings: Settings, topics: list[Topic]) -> ClusterState:
         counts = await _counts(admin, [t.name for t in topics] + [names.analytics, state_topic(settings)])
         analytics = counts.pop(names.analytics)
         has_state = counts.pop(state_topic(settings)) > 0
-        sinks = [groups.sink(s) for s in _SINKS]
+        sinks = [groups.sink(s) for s in SINKS]
         known = [groups.split, groups.tables, groups.membership, *sinks]
         listed = [g[0] for g in await admin.list_consumer_groups()]
         candidates = list(dict.fromkeys(known + listed))
@@ -456,7 +456,7 @@ async def _write_state(settings: Settings, record: dict[str, Any]) -> None:
                     state_topic(settings),
                     1,
                     settings.replication_factor,
-                    topic_configs={"cleanup.policy": "compact"},
+                    topic_configs={"cleanup.policy": "compact", **replica_configs(settings)},
                 )
             ]
         )
@@ -464,7 +464,7 @@ async def _write_state(settings: Settings, record: dict[str, Any]) -> None:
         pass
     finally:
         await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True)
+    producer = kafka.producer(settings, client_id="audience-relay-partitions")
     await producer.start()
     try:
         await producer.send_and_wait(state_topic(settings), orjson.dumps(record), key=_STATE_KEY, partition=0)
@@ -529,9 +529,9 @@ async def move_keys(settings: Settings, topic: Topic, partitions: int, progress:
     moved = Moved()
     scanned = [0]
     consumer = _consumer(settings)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_idempotence=True,
+    producer = kafka.producer(
+        settings,
+        client_id="audience-relay-partitions",
         linger_ms=10,
         max_batch_size=1 << 20,
         max_request_size=16 << 20,
@@ -586,7 +586,7 @@ async def move_pending_events(settings: Settings, partitions: int, progress: boo
     (``processors.membership.decide``), so it emits nothing either. An unreadable record stays.
     """
     topic = TopicNames.from_settings(settings).segment_events
-    group = Groups.from_settings(settings).membership
+    group = GroupNames.from_settings(settings).membership
     admin = _admin(settings)
     await admin.start()
     try:
@@ -595,13 +595,9 @@ async def move_pending_events(settings: Settings, partitions: int, progress: boo
         await admin.close()
     reader, committer = (
         _consumer(settings),
-        AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group, enable_auto_commit=False
-        ),
+        kafka.consumer(settings, group_id=group, client_id="audience-relay-partitions"),
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True, linger_ms=10
-    )
+    producer = kafka.producer(settings, client_id="audience-relay-partitions", linger_ms=10)
     moved = 0
     await reader.start()
     await committer.start()

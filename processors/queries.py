@@ -46,8 +46,8 @@ from prometheus_client import Histogram
 from yarl import URL
 
 from audience_relay.auth import DEFAULT_SOURCE, Authenticator
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
-from audience_relay.topics import partition_for
 from processors.membership import identifier_prefix
 from processors.split import normalize_identifier
 

@@ -8,14 +8,14 @@
 Both are plain per-partition loops (processors/loop.py) over aiokafka consumers, producing through
 per-partition batches (processors/outbox.py):
 
-- **split** is a regular consumer group (``Groups.split``) on the raw topic. For each batch of raw
+- **split** is a regular consumer group (``GroupNames.split``) on the raw topic. For each batch of raw
   bodies it produces one ``SegmentEvents`` record per (body, target partition), the field changes
   and the dead letters, waits for the broker, then commits. It holds no state.
 - **membership** reads the segment-events partitions whose table partition this worker owns as
-  *active* in faust's assignment (faust: group ``Groups.tables``, table recovery, standby copies).
+  *active* in faust's assignment (faust: group ``GroupNames.tables``, table recovery, standby copies).
   It starts a partition only when faust says recovery is done *and* the local store holds the whole
   changelog partition, and it stops every partition when faust revokes (before the group moves
-  anything). Its offsets are committed to ``Groups.membership``, a group without members.
+  anything). Its offsets are committed to ``GroupNames.membership``, a group without members.
 
 Crash safety of a membership batch (at-least-once with re-emission): (1) every change is produced
 and acknowledged; (2) the new states are produced to the changelog and acknowledged; (3) the same
@@ -44,8 +44,9 @@ from aiokafka import (
 )
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
-from audience_relay.topics import TopicNames, partition_for
+from audience_relay.topics import TopicNames
 from processors import metrics
 from processors.loop import PartitionedLoop
 from processors.membership import decide, state_key

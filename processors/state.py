@@ -22,7 +22,7 @@ from typing import Any
 
 from faust.types import TP
 
-from audience_relay.topics import partition_for
+from audience_relay.partitioner import partition_for
 from processors.membership import SEPARATOR
 
 

@@ -134,7 +134,9 @@ def served(component: Component, settings: Settings) -> dict[int, set[str]]:
         from sinks.run import build_engine, web_app
 
         assert component.sink is not None
-        return {settings.sink_web_port: _paths(web_app(build_engine(settings, component.sink)).router)}
+        return {
+            settings.sink_port(component.sink): _paths(web_app(build_engine(settings, component.sink)).router)
+        }
     return {}
 
 
@@ -441,9 +443,10 @@ async def test_a_running_ingress_answers_its_probes_and_scrape(
     [ingress] = [c for c in containers() if c.component.kind == "ingress"]
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
-    env.update(ingress.env)
+    # The manifest's Kafka connection (a SASL_SSL cluster) is replaced by the test broker's.
+    env.update({k: v for k, v in ingress.env.items() if not k.startswith("KAFKA_")})
+    env.update({k: v for k, v in kafka_settings.to_env().items() if k.startswith("KAFKA_")})
     env.update(
-        KAFKA_BOOTSTRAP_SERVERS=kafka_settings.kafka_bootstrap_servers,
         RELAY_TOPIC_PREFIX=kafka_settings.topic_prefix,
         RELAY_INGRESS_HOST="127.0.0.1",
         RELAY_INGRESS_PORT=str(port),

@@ -13,13 +13,15 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
+from audience_relay import kafka
 from audience_relay.kafkautil import committed_offsets, end_offsets, produce_all, read_topic, topic_size
+from audience_relay.names import GroupNames
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
-from audience_relay.topics import Groups, TopicNames, create_topics, partition_for
+from audience_relay.topics import TopicNames, create_topics
 from devtools.processes import Component, start_worker, wait_caught_up, wait_group
 from devtools.wait import until_async
 from processors import partitions as parts
@@ -93,7 +95,7 @@ def test_check_refusals_and_resume() -> None:
     assert "cannot remove" in parts.check(s, topics, _state(s, 4), 3).errors[0]
     missing = parts.ClusterState({t.name: 4 for t in topics[:-1]}, [], None)
     assert "does not exist" in parts.check(s, topics, missing, 12).errors[0]
-    groups = Groups.from_settings(s)
+    groups = GroupNames.from_settings(s)
     busy = parts.Group(groups.split, 2, {names.raw: 9})
     pending = parts.Group(groups.membership, 0, {names.segment_events: 5})
     verdict = parts.check(s, topics, _state(s, 4, groups=[busy, pending]), 12)
@@ -141,7 +143,7 @@ def segment_events(identifiers: range, kind: str = "enter", second: int = 1) -> 
 async def send_events(settings: Settings, events: list[dict[str, Any]]) -> None:
     """To segment-events on each identifier's partition, one ``SegmentEvents`` record per event."""
     names = TopicNames.from_settings(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True)
+    producer = kafka.producer(settings)
     await producer.start()
     try:
         for event in events:
@@ -321,7 +323,7 @@ async def small_deployment(kafka_bootstrap: str, partitions: int = 3, users: int
     settings = make_settings(kafka_bootstrap, partitions=partitions)
     await create_topics(settings)
     names = TopicNames.from_settings(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True)
+    producer = kafka.producer(settings)
     await producer.start()
     try:
         states, _ = fold(segment_events(range(users)))
@@ -356,7 +358,7 @@ async def test_plan_prints_the_move_and_changes_nothing(kafka_bootstrap: str) ->
         assert t.name in result.stdout
     assert "RELAY_PARTITIONS=6" in result.stdout
     assert await sizes(settings) == before
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = kafka.admin(settings)
     await admin.start()
     try:
         assert parts.state_topic(settings) not in await admin.list_topics()
@@ -383,12 +385,7 @@ async def test_apply_refuses_bad_input_and_busy_groups(kafka_bootstrap: str, tmp
     # A sink reading, and behind.
     await send_events(settings, segment_events(range(1)))  # unprocessed: a note, not a refusal
     await produce_all(kafka_bootstrap, names.membership_changes, [(b"k", b"{}", [])])
-    sink = AIOKafkaConsumer(
-        names.membership_changes,
-        bootstrap_servers=kafka_bootstrap,
-        group_id=f"{settings.topic_prefix}.sink.pushly",
-        enable_auto_commit=False,
-    )
+    sink = kafka.consumer(settings, names.membership_changes, group_id=f"{settings.topic_prefix}.sink.pushly")
     await sink.start()
     try:
         await until_async(lambda: _assigned(sink), 60, what="the sink consumer's assignment")
@@ -430,7 +427,7 @@ async def test_apply_resumes_after_an_interruption_and_workers_wait_for_it(
     finally:
         await consumer.stop()
     assert half
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True)
+    producer = kafka.producer(settings)
     await producer.start()
     try:
         for key, (target, value) in half.items():
@@ -471,7 +468,7 @@ def test_local_table_is_rebuilt_for_another_partition_count(tmp_path: Path) -> N
 async def test_unprocessed_segment_events_move_to_their_new_partitions(kafka_bootstrap: str) -> None:
     settings = await small_deployment(kafka_bootstrap, users=10)
     names = TopicNames.from_settings(settings)
-    group = Groups.from_settings(settings).membership
+    group = GroupNames.from_settings(settings).membership
     # 600 events of 200 identifiers; the processors committed the first 100 records of each partition.
     pending = (
         segment_events(range(200))
@@ -479,7 +476,7 @@ async def test_unprocessed_segment_events_move_to_their_new_partitions(kafka_boo
         + segment_events(range(200), "enter", 20)
     )
     await send_events(settings, pending)
-    committer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    committer = kafka.consumer(settings, group_id=group)
     await committer.start()
     try:
         tps = [TopicPartition(names.segment_events, p) for p in range(3)]

@@ -7,11 +7,12 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiokafka.admin import AIOKafkaAdminClient
 
+from audience_relay import kafka
 from audience_relay.kafkautil import produce_all, read_topic
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
-from audience_relay.topics import Groups, TopicNames, create_topics
+from audience_relay.topics import TopicNames, create_topics
 from devtools.processes import (
     raw_headers,
     read_json,
@@ -186,10 +187,10 @@ async def test_two_workers_share_partitions_and_match_one(kafka_bootstrap: str, 
         await wait_group(settings, 2)
         await preload(settings, bodies)
         changes = await wait_for_outputs(settings, workers, expected_changes, expected_table)
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        admin = kafka.admin(settings)
         await admin.start()
         try:
-            [group] = await admin.describe_consumer_groups([Groups.from_settings(settings).tables])
+            [group] = await admin.describe_consumer_groups([GroupNames.from_settings(settings).tables])
         finally:
             await admin.close()
         assert len(group.groups[0][5]) == 2  # two members share the partitions

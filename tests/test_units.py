@@ -143,5 +143,3 @@ def test_arbitrary_bytes_never_raise(data: bytes) -> None:
 )
 def test_text_that_is_not_an_object_or_array_is_refused(text: str) -> None:
     assert body_problem(text.encode()) is not None
-
-
