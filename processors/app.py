@@ -214,6 +214,8 @@ def create_app(settings: Settings) -> faust.App:
         # faust's RocksDB defaults (64 MiB x 3 memtables and a 2 GiB block cache, per partition)
         # let memory grow with the table; bound them so RSS follows RELAY_TABLE_MEMORY_MB.
         options=_rocksdb_options(settings),
+        # Only used should faust create the topic itself (topics create and the worker normally have).
+        extra_topic_configs=replica_configs(settings),
     )
     processors = Processors(settings, app, table)
 

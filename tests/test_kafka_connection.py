@@ -252,7 +252,7 @@ def test_the_processors_app_connects_through_the_factory(pki: dict[str, Pem], tm
 
     s = secured(pki, replication_factor=3, min_insync_replicas=2, worker_data_dir=tmp_path)
     app = create_app(s)
-    assert [str(u) for u in app.conf.broker] == ["relaykafka://127.0.0.1:9092"]
+    assert [str(u) for u in app.conf.broker] == ["kafka://127.0.0.1:9092"]
     assert credentials_to_aiokafka_auth(app.conf.broker_credentials)["sasl_plain_password"] == PASSWORD
     assert app.conf.topic_replication_factor == 3
     [table] = app.tables.values()

@@ -14,8 +14,9 @@ import yaml
 from openapi_spec_validator import validate
 
 from audience_relay.auth import Authenticator
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
-from audience_relay.topics import create_topics, partition_for
+from audience_relay.topics import create_topics
 from devtools.localkafka import free_port
 from devtools.processes import Component, wait_for_outputs, wait_group
 from devtools.wait import until_async
