@@ -135,12 +135,31 @@ def _in_range(when: datetime) -> datetime | None:
     return aware.astimezone(UTC)  # cannot overflow inside the range
 
 
+#: Recently parsed timestamp texts: a backfill repeats the same few enter times thousands of times.
+_PARSED: dict[str, datetime | None] = {}
+_PARSED_MAX = 4096
+
+
 def parse_time(value: Any) -> datetime | None:
     """An RFC 3339 string (any fraction digits, ``Z`` or offset) or epoch seconds/ms, as aware UTC.
 
     None for anything else, and for a time outside [``EARLIEST_EVENT_TIME``, ``LATEST_EVENT_TIME``):
     never raises, whatever ``value`` is.
     """
+    if isinstance(value, str):
+        try:
+            return _PARSED[value]
+        except KeyError:
+            parsed = _parse_time(value)
+            if len(_PARSED) >= _PARSED_MAX:
+                _PARSED.clear()
+            if len(value) <= 64:  # only timestamp-sized texts are worth remembering
+                _PARSED[value] = parsed
+            return parsed
+    return _parse_time(value)
+
+
+def _parse_time(value: Any) -> datetime | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
@@ -170,20 +189,28 @@ def normalize_identifier(value: str, match_field: str) -> str:
     return text
 
 
-def _identifiers(raw: Any, match_field: str) -> list[str]:
-    export_hint = (
+def _export_hint(match_field: str) -> str:
+    return (
         f"add '{match_field}' to the Export Fields of the Lytics webhook job, "
         "or set RELAY_MATCH_FIELD to a field the job exports"
     )
-    if raw is None or raw == "" or raw == []:
-        raise _Reject("missing_identifier", f"the record has no '{match_field}' in its data: {export_hint}")
-    values = raw if isinstance(raw, list) else [raw]
-    too_many = (
-        f"'{match_field}' holds more than {MAX_IDENTIFIERS} identifiers ({len(values)} values); "
-        f"Lytics stitches at most {MAX_IDENTIFIERS}"
+
+
+def _too_many(match_field: str, values: int) -> _Reject:
+    return _Reject(
+        "too_many_identifiers",
+        f"'{match_field}' holds more than {MAX_IDENTIFIERS} identifiers ({values} values); "
+        f"Lytics stitches at most {MAX_IDENTIFIERS}",
     )
+
+
+def _identifiers(raw: Any, match_field: str) -> list[str]:
+    if raw is None or raw == "" or raw == []:
+        reason = f"the record has no '{match_field}' in its data: {_export_hint(match_field)}"
+        raise _Reject("missing_identifier", reason)
+    values = raw if isinstance(raw, list) else [raw]
     if len(values) > MAX_IDENTIFIER_VALUES:
-        raise _Reject("too_many_identifiers", too_many)
+        raise _too_many(match_field, len(values))
     out: list[str] = []
     seen: set[str] = set()
     for value in values:
@@ -192,20 +219,22 @@ def _identifiers(raw: Any, match_field: str) -> list[str]:
                 "bad_identifier",
                 f"'{match_field}' holds a {type(value).__name__}; expected a string, a number or a list",
             )
-        ident = normalize_identifier(str(value), match_field)
+        ident = normalize_identifier(value if isinstance(value, str) else str(value), match_field)
         if not ident or ident in seen:
             continue
-        if len(ident.encode()) > MAX_IDENTIFIER_BYTES:
+        size = len(ident) if ident.isascii() else len(ident.encode())
+        if size > MAX_IDENTIFIER_BYTES:
             raise _Reject(
                 "identifier_too_long",
-                f"a '{match_field}' value has {len(ident.encode())} bytes (limit {MAX_IDENTIFIER_BYTES})",
+                f"a '{match_field}' value has {size} bytes (limit {MAX_IDENTIFIER_BYTES})",
             )
         if len(out) == MAX_IDENTIFIERS:
-            raise _Reject("too_many_identifiers", too_many)
+            raise _too_many(match_field, len(values))
         seen.add(ident)
         out.append(ident)
     if not out:
-        raise _Reject("missing_identifier", f"'{match_field}' is empty in the record's data: {export_hint}")
+        reason = f"'{match_field}' is empty in the record's data: {_export_hint(match_field)}"
+        raise _Reject("missing_identifier", reason)
     return out
 
 

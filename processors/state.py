@@ -17,7 +17,6 @@ public reads find the partition from the current stream event, and there is no s
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from faust.types import TP
@@ -26,34 +25,29 @@ from audience_relay.partitioner import partition_for
 from processors.membership import SEPARATOR
 
 
-@dataclass(frozen=True)
-class _Message:
-    """The part of a faust message that a store's ``apply_changelog_batch`` reads."""
+class _Write:
+    """A changelog record as the faust event a store's ``apply_changelog_batch`` reads.
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes | None
+    faust reads ``event.message.{topic, partition, tp, offset, key, value}`` (RocksDB store) and
+    ``event.key`` / ``event.value`` (memory store); one light object serves as both event and message.
+    """
+
+    __slots__ = ("key", "offset", "partition", "topic", "value")
+
+    def __init__(self, topic: str, partition: int, offset: int, key: bytes, value: bytes | None) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.key = key
+        self.value = value
+
+    @property
+    def message(self) -> _Write:
+        return self
 
     @property
     def tp(self) -> TP:
         return TP(self.topic, self.partition)
-
-
-@dataclass(frozen=True)
-class _Write:
-    """A changelog record as a faust event (``event.message``, ``event.key``, ``event.value``)."""
-
-    message: _Message
-
-    @property
-    def key(self) -> bytes:
-        return self.message.key
-
-    @property
-    def value(self) -> bytes | None:
-        return self.message.value
 
 
 class StateStore:
@@ -116,10 +110,8 @@ class StateStore:
         if not writes:
             return
         first = last_offset - len(writes) + 1
-        batch = [
-            _Write(_Message(self.topic, partition, first + i, key, value))
-            for i, (key, value) in enumerate(writes)
-        ]
+        topic = self.topic
+        batch = [_Write(topic, partition, first + i, key, value) for i, (key, value) in enumerate(writes)]
         self.table.apply_changelog_batch(batch)
 
     def persisted_offset(self, partition: int) -> int | None:
