@@ -59,6 +59,9 @@ log = logging.getLogger("processors")
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 #: A state record's marker of current membership; states hold no other boolean ``member`` field.
 MEMBER_MARK = b'"member":true'
+#: A SegmentEvents record stays well under Kafka's default record limit (1 MiB, ``max.message.bytes``):
+#: a body putting one user in thousands of audiences still splits into records any topic accepts.
+MAX_SEGMENT_RECORD_BYTES = 512 * 1024
 #: Headers of a SegmentEvents record: the raw body its events came from.
 _GROUP_HEADERS = ("request-id", "raw-topic", "raw-partition", "raw-offset")
 
@@ -76,6 +79,30 @@ def _received_at(headers: Mapping[str, bytes], fallback_ms: int | None) -> datet
         except ValueError:
             pass
     return datetime.fromtimestamp((fallback_ms or time.time() * 1000) / 1000, UTC)
+
+
+def segment_records(
+    events: list[dict[str, Any]], partitions: int, max_bytes: int = MAX_SEGMENT_RECORD_BYTES
+) -> list[tuple[int, bytes]]:
+    """One body's segment events as ``SegmentEvents`` records: per partition, in order, each record
+    at most ``max_bytes`` (a group too large is halved until it fits; one event always fits)."""
+    by_partition: dict[int, list[dict[str, Any]]] = {}
+    for event in events:
+        by_partition.setdefault(partition_for(event["identifier"], partitions), []).append(event)
+    out: list[tuple[int, bytes]] = []
+
+    def add(partition: int, group: list[dict[str, Any]]) -> None:
+        value = orjson.dumps({"schema_version": 2, "events": group})
+        if len(value) <= max_bytes or len(group) == 1:
+            out.append((partition, value))
+            return
+        half = len(group) // 2
+        add(partition, group[:half])
+        add(partition, group[half:])
+
+    for partition, group in by_partition.items():
+        add(partition, group)
+    return out
 
 
 def dead_letter_headers(
@@ -158,14 +185,8 @@ class SplitStage:
                 "raw-partition": str(record.partition),
                 "raw-offset": str(record.offset),
             }
-            by_partition: dict[int, list[dict[str, Any]]] = {}
-            for event in result.events:
-                by_partition.setdefault(partition_for(event["identifier"], partitions), []).append(event)
-            group_headers = [
-                (k, origin[k].encode()) for k in ("request-id", "raw-topic", "raw-partition", "raw-offset")
-            ]
-            for partition, events in by_partition.items():
-                value = orjson.dumps({"schema_version": 2, "events": events})
+            group_headers = [(k, origin[k].encode()) for k in _GROUP_HEADERS]
+            for partition, value in segment_records(result.events, partitions):
                 outbox.add(names.segment_events, partition, None, value, group_headers)
             for change in result.field_changes:
                 ident = change["identifier"]
