@@ -31,8 +31,8 @@ def _settings() -> Settings:
         raise SystemExit("invalid settings:\n" + "\n".join(lines)) from None
 
 
-def _local_kafka(settings: Settings) -> LocalKafka:
-    return LocalKafka(settings.local_dir, port=settings.local_kafka_port)
+def _local_kafka(settings: Settings, *, secure: bool = False) -> LocalKafka:
+    return LocalKafka(settings.local_dir, port=settings.local_kafka_port, secure=secure)
 
 
 def cmd_ingress(args: argparse.Namespace, settings: Settings) -> int:
@@ -101,17 +101,28 @@ def _more_than_one(text: str) -> int:
 
 
 def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
-    broker = _local_kafka(settings)
+    if args.secure and args.action != "start":
+        print("error: --secure applies to `kafka start` only", file=sys.stderr)
+        return 2
+    broker = _local_kafka(settings, secure=args.secure)
     try:
         if args.action == "fetch":
             print(f"kafka jars in {fetch_jars(settings.local_dir, quiet=False)}")
+        elif args.action == "start" and args.secure:
+            bootstrap = broker.start()
+            # Comments and exports only, so `eval "$(audience-relay kafka start --secure)"` works; the
+            # password is read from its 0600 file when the line runs, so it never lands in a log.
+            print(f"# kafka running at {bootstrap}, SASL_SSL (log: {broker.log_file})")
+            print("# settings for the relay's components:")
+            print("\n".join(broker.client_security().exports()))
         elif args.action == "start":
             print(f"kafka running at {broker.start()} (log: {broker.log_file})")
         elif args.action == "stop":
             print("kafka stopped" if broker.stop() else "kafka was not running")
         elif args.action == "status":
             running = broker.running()
-            print(f"kafka {'running at ' + broker.bootstrap if running else 'not running'}")
+            protocol = broker.formatted_protocol() or "PLAINTEXT"
+            print(f"kafka {f'running at {broker.bootstrap} ({protocol})' if running else 'not running'}")
             return 0 if running else 3
         elif args.action == "wipe":
             broker.wipe()
@@ -180,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("kafka", help="a local single-node Apache Kafka from Maven Central jars")
     p.add_argument("action", choices=["fetch", "start", "stop", "status", "wipe"])
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="start: a SASL_SSL listener (SCRAM users, self-signed CA under the broker's folder); "
+        "prints the KAFKA_* settings to use",
+    )
     p.set_defaults(func=cmd_kafka)
 
     p = sub.add_parser(
