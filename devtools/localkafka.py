@@ -283,7 +283,10 @@ class LocalKafka:
             "ssl.truststore.type=PEM",
             f"ssl.truststore.location={self.ca.cert.resolve()}",
             "ssl.endpoint.identification.algorithm=https",
-            "ssl.client.auth=none",
+            # A client may also present a certificate (KAFKA_SSL_CERT_FILE); one from another CA is
+            # refused. Not required: SCRAM is the login, as on MSK or Confluent Cloud. (Kafka applies
+            # the unprefixed setting to SSL listeners only, so it is set per listener.)
+            "listener.name.client.ssl.client.auth=requested",
         ]
 
     def _write_config(self) -> Path:

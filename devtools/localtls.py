@@ -228,3 +228,40 @@ def make_server_keystore(
         csr.unlink(missing_ok=True)
         signed.unlink(missing_ok=True)
     return keystore
+
+
+@dataclass(frozen=True)
+class ClientPem:
+    """A client certificate (PEM, CA-signed) and its private key (PEM, PKCS#8, encrypted)."""
+
+    cert: Path
+    key: Path
+
+
+def make_client_pem(ca: CertificateAuthority, directory: Path, name: str, key_password: str) -> ClientPem:
+    """A client key encrypted with ``key_password`` and a certificate for ``CN=name`` signed by ``ca``.
+
+    What ``KAFKA_SSL_CERT_FILE`` / ``KAFKA_SSL_KEY_FILE`` / ``KAFKA_SSL_KEY_PASSWORD`` point at. keytool
+    cannot write a private key as PEM, so the key and its request come from ``openssl``; the CA signs.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise TlsMaterialError("openssl is not on PATH: it writes PEM client keys")
+    private_dir(directory)
+    pem = ClientPem(directory / f"{name}.pem", directory / f"{name}.key")
+    csr = directory / f"{name}.csr"
+    env = {**os.environ, _STORE_PASSWORD_ENV: key_password}
+    password = f"env:{_STORE_PASSWORD_ENV}"  # never on the command line
+    genkey = ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-aes-256-cbc"]
+    request = ["req", "-new", "-key", str(pem.key), "-passin", password, "-subj", f"/CN={name}"]
+    steps = [[*genkey, "-pass", password, "-out", str(pem.key)], [*request, "-out", str(csr)]]
+    try:
+        for step in steps:
+            proc = subprocess.run([openssl, *step], env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise TlsMaterialError(f"openssl {step[0]} failed (exit {proc.returncode}): {proc.stderr}")
+        pem.key.chmod(0o600)
+        ca.sign(csr, pem.cert, hosts=[name])
+    finally:
+        csr.unlink(missing_ok=True)
+    return pem

@@ -24,7 +24,7 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.helpers import create_ssl_context
 
 from devtools.localkafka import LocalKafka, free_port, lib_dir
-from devtools.localtls import make_ca
+from devtools.localtls import make_ca, make_client_pem
 from tests.conftest import LOCAL_DIR
 
 SETTING_NAMES = [
@@ -234,6 +234,30 @@ async def test_untrusted_ca_is_refused(
     )
     assert "CERTIFICATE_VERIFY_FAILED" in logged
     assert elapsed < 30
+
+
+async def test_client_certificate_from_the_ca_is_accepted_and_from_another_refused(
+    secured: SecuredBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_password = "client-key-pass-Zq7"
+    ours = make_client_pem(secured.broker.ca, tmp_path / "ours", "relay-client", key_password)
+    assert ours.key.read_text().startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    context = create_ssl_context(
+        cafile=secured.ca_file, certfile=str(ours.cert), keyfile=str(ours.key), password=key_password
+    )
+    sent, received = await round_trip(client_args(secured, ssl_context=context))
+    assert received == [sent]
+    other_ca = make_ca(tmp_path / "other-ca", name="some other CA")
+    theirs = make_client_pem(other_ca, tmp_path / "theirs", "relay-client", key_password)
+    context = create_ssl_context(
+        cafile=secured.ca_file, certfile=str(theirs.cert), keyfile=str(theirs.key), password=key_password
+    )
+    logged_before = secured.broker.log_file.stat().st_size
+    elapsed, _ = await refused(client_args(secured, ssl_context=context), caplog)
+    assert elapsed < 30
+    with secured.broker.log_file.open() as log:  # the broker is the one that refused
+        log.seek(logged_before)
+        assert "SSL handshake failed" in log.read()
 
 
 @pytest.mark.parametrize(
