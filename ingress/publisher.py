@@ -13,6 +13,7 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from audience_relay import kafka
 from audience_relay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ class Publisher:
 
     def _new_producer(self) -> AIOKafkaProducer:
         s = self._settings
-        return AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
+        return kafka.producer(
+            s,
             client_id=self._client_id,
             enable_idempotence=True,  # implies acks=all and no duplicates from producer retries
             acks="all",
