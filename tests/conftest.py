@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from aiohttp import web
@@ -19,6 +20,9 @@ from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import LocalKafka, free_port
 from ingress.app import PUBLISHER, build_app
+
+if TYPE_CHECKING:
+    from tests.secured import SecuredBroker
 
 PROJECT = Path(__file__).resolve().parents[1]
 SAMPLES = PROJECT / "fixtures" / "samples"
@@ -66,6 +70,16 @@ def local_kafka(tmp_path: Path) -> Iterator[LocalKafka]:
         yield broker
     finally:
         broker.stop(kill=True)
+
+
+@pytest.fixture(scope="session")
+def secured_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]:
+    """A secured local broker (SASL_SSL, SCRAM, self-signed CA) for the session, started with
+    `audience-relay kafka start --secure` the first time a test asks for it (``tests/secured.py``)."""
+    from tests.secured import secured_broker  # it imports this module
+
+    with secured_broker(tmp_path_factory.mktemp("secured-local")) as broker:
+        yield broker
 
 
 def make_settings(bootstrap: str, **overrides: object) -> Settings:

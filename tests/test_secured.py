@@ -1,8 +1,8 @@
-"""The local broker's secured mode (`audience-relay kafka start --secure`), against the real broker.
+"""The local broker's secured mode (`audience-relay kafka start --secure`), and the whole relay over it.
 
-One secured broker serves the whole module: started through the CLI exactly as a user would, its
-printed settings evaluated by a real shell. The broker itself is checked with plain aiokafka clients
-(the relay's own components come on top of it).
+One secured broker (``secured_kafka``, tests/secured.py) serves the session: started through the CLI
+exactly as a user would, its printed settings evaluated by a real shell. The broker itself is checked
+with plain aiokafka clients; then every component runs against it as a real process.
 """
 
 from __future__ import annotations
@@ -14,94 +14,32 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from pathlib import Path
 
+import aiohttp
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.helpers import create_ssl_context
 
-from devtools.localkafka import LocalKafka, free_port, lib_dir
+from audience_relay.kafkautil import read_topic
+from audience_relay.names import SINKS, TopicNames
+from audience_relay.settings import Settings
+from devtools.localkafka import free_port
 from devtools.localtls import make_ca, make_client_pem
-from tests.conftest import LOCAL_DIR
-
-SETTING_NAMES = [
-    "KAFKA_BOOTSTRAP_SERVERS",
-    "KAFKA_SECURITY_PROTOCOL",
-    "KAFKA_SASL_MECHANISM",
-    "KAFKA_SASL_USERNAME",
-    "KAFKA_SASL_PASSWORD",
-    "KAFKA_SSL_CA_FILE",
-]
+from devtools.processes import Component, wait_group
+from devtools.wait import until, until_async
+from tests.conftest import SAMPLES
+from tests.fakes import Answer, FakeDestination
+from tests.secured import SecuredBroker, cli, shell_eval
 
 
-@dataclass(frozen=True)
-class SecuredBroker:
-    """A running secured local broker and the settings its `kafka start --secure` printed."""
-
-    broker: LocalKafka
-    env: dict[str, str]  # the cli's environment (RELAY_LOCAL_DIR, RELAY_LOCAL_KAFKA_PORT)
-    printed: str  # what `kafka start --secure` wrote on stdout
-    settings: dict[str, str]  # the KAFKA_* values after a shell evaluated `printed`
-
-    @property
-    def bootstrap(self) -> str:
-        return self.settings["KAFKA_BOOTSTRAP_SERVERS"]
-
-    @property
-    def password(self) -> str:
-        return self.settings["KAFKA_SASL_PASSWORD"]
-
-    @property
-    def ca_file(self) -> str:
-        return self.settings["KAFKA_SSL_CA_FILE"]
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """``audience-relay <args>`` with ``env`` added to this process's environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "audience_relay.cli", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def shell_eval(printed: str) -> dict[str, str]:
-    """Run ``printed`` in bash (as ``eval "$(audience-relay kafka start --secure)"`` would) and read back
-    the variables it set."""
-    script = 'eval "$1"; for name in "${@:2}"; do printf "%s\\0" "${!name}"; done'
-    out = subprocess.run(
-        ["bash", "-c", script, "_", printed, *SETTING_NAMES],
-        env={"PATH": os.environ["PATH"]},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return dict(zip(SETTING_NAMES, out.split("\0")[:-1], strict=True))
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]:
-    """A secured broker of this module's own, started with `audience-relay kafka start --secure`."""
-    local = tmp_path_factory.mktemp("secured-local")
-    # The jars are shared with every other test broker; this broker's home is its own.
-    (local / "kafka").mkdir()
-    (local / "kafka" / "lib").symlink_to(lib_dir(LOCAL_DIR).resolve())
-    port = free_port()
-    env = {"RELAY_LOCAL_DIR": str(local), "RELAY_LOCAL_KAFKA_PORT": str(port)}
-    broker = LocalKafka(local, port=port, secure=True)
-    started = cli(env, "kafka", "start", "--secure")
-    try:
-        assert started.returncode == 0, started.stderr
-        yield SecuredBroker(broker, env, started.stdout, shell_eval(started.stdout))
-    finally:
-        cli(env, "kafka", "stop")
-        broker.stop(kill=True)  # in case the cli could not
+@pytest.fixture
+def secured(secured_kafka: SecuredBroker) -> SecuredBroker:
+    """The session's secured broker (a shorter name for this module)."""
+    return secured_kafka
 
 
 def client_args(secured: SecuredBroker, **overrides: object) -> dict[str, object]:
@@ -291,3 +229,148 @@ def test_keytool_errors_name_the_tool_and_no_password(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="keytool -gencert failed") as failure:
         ca.sign(bogus, tmp_path / "out.pem", hosts=["localhost"])
     assert ca.password_file.read_text() not in str(failure.value)
+
+
+# --- the whole relay over SASL_SSL ----------------------------------------------------------------
+
+AUDIENCE = "42976a269a5e6b9d06c681b1c27292df"  # the audience of fixtures/samples/default-format-enter.json
+USER = "user@example.com"
+
+
+def exit_body() -> bytes:
+    """The sample user leaving the sample audience a day after entering it."""
+    leave = orjson.loads((SAMPLES / "default-format-enter.json").read_bytes())
+    leave["data"]["segment_events"] = [
+        {"id": AUDIENCE, "event": "exit", "slug": "emailzz5", "exit": "2020-10-15T13:27:33.916374949-07:00"}
+    ]
+    return orjson.dumps(leave)
+
+
+def relay_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``audience-relay <args>`` with exactly these settings in its environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "audience_relay.cli", *args],
+        env={**os.environ, **settings.to_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(400)
+async def test_whole_pipeline_over_sasl_ssl_scram_sha_512(secured: SecuredBroker, tmp_path: Path) -> None:
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    # Pushly refuses at first: its change is dead-lettered, then replayed once it accepts.
+    pushly.default = Answer(400, body='{"error": "not yet"}')
+    worker_port = free_port()
+    settings = secured.relay_settings(
+        pushly_webhook_url=pushly.url,
+        pushly_api_key="pushly-secret-key",
+        odp_webhook_url=odp.url,
+        odp_auth_token="Bearer odp-secret-token",
+        odp_flush_seconds=0.3,
+        sink_max_backoff_seconds=0.5,
+        ingress_host="127.0.0.1",
+        ingress_port=free_port(),
+        ingress_metrics_port=free_port(),
+    )
+    assert settings.kafka_security_protocol == "SASL_SSL" and settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+    names = TopicNames.from_settings(settings)
+    created = relay_cli(settings, "topics", "create")
+    assert created.returncode == 0, created.stderr
+    assert names.raw in created.stdout and "created" in created.stdout
+    ingress_url = f"http://127.0.0.1:{settings.ingress_port}"
+    worker_url = f"http://127.0.0.1:{worker_port}"
+    procs = [
+        Component(settings, ["ingress"], tmp_path / "ingress.log"),
+        Component(
+            settings,
+            ["worker"],
+            tmp_path / "worker.log",
+            RELAY_WORKER_DATA_DIR=str(tmp_path / "worker-data"),
+            RELAY_WORKER_WEB_HOST="127.0.0.1",
+            RELAY_WORKER_WEB_PORT=str(worker_port),
+        ),
+        *(
+            Component(settings, ["sink", n], tmp_path / f"sink-{n}.log", RELAY_SINK_WEB_PORT=str(free_port()))
+            for n in SINKS
+        ),
+    ]
+    outputs: list[str] = [created.stdout + created.stderr]
+    try:
+        async with aiohttp.ClientSession(headers={"X-API-KEY": "key-current"}) as http:
+
+            async def ready() -> bool:
+                for p in procs:
+                    assert p.alive(), p.log.read_text()[-3000:]
+                try:
+                    async with http.get(f"http://127.0.0.1:{settings.ingress_metrics_port}/readyz") as r:
+                        return r.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await until_async(ready, 90, "the ingress to be ready", interval=0.2)
+            await wait_group(settings, 1)
+
+            async def post(body: bytes) -> None:
+                async with http.post(f"{ingress_url}/v1/lytics", data=body) as resp:
+                    assert resp.status == 200, await resp.text()
+
+            async def member_audiences() -> list[str] | None:
+                async with http.get(f"{worker_url}/v1/members/{USER}") as resp:
+                    if resp.status != 200:
+                        return None
+                    return [a["audience_id"] for a in (await resp.json())["audiences"]]
+
+            async def settled(pushly_dead: int, odp_records: int, analytics: int) -> bool:
+                for p in procs:
+                    assert p.alive(), p.log.read_text()[-3000:]
+                dead = [dict(r.headers) for r in await read_topic(settings, names.dead_letter)]
+                return (
+                    sum(1 for h in dead if h.get("sink") == b"pushly") == pushly_dead
+                    and sum(len(r.body) for r in odp.delivered()) == odp_records
+                    and len(await read_topic(settings, names.analytics)) == analytics
+                )
+
+            # The user enters: ODP and analytics get it, Pushly refuses it into the dead letters.
+            await post((SAMPLES / "default-format-enter.json").read_bytes())
+            await until_async(lambda: settled(1, 1, 1), 120, "the enter at odp, analytics, dead letters")
+            await until_async(
+                lambda: _equals(member_audiences(), [AUDIENCE]), 60, "the worker to answer the membership"
+            )
+            # Pushly accepts again: the replay delivers what it refused.
+            pushly.default = Answer(200)
+            replay = relay_cli(settings, "dead-letter", "replay", "--sink", "pushly", "--quiet")
+            outputs.append(replay.stdout + replay.stderr)
+            assert replay.returncode == 0, replay.stderr
+            assert "replayed to pushly: 1 delivered, 0 still refused" in replay.stdout
+            assert [r.body["data"]["segment_events"][0]["event"] for r in pushly.delivered()] == ["enter"]
+            # The user exits: every destination gets it directly.
+            await post(exit_body())
+            await until_async(lambda: settled(1, 2, 2), 120, "the exit at odp and analytics")
+            await until(lambda: len(pushly.delivered()) == 2, 60, "the exit at pushly")
+            await until_async(lambda: _equals(member_audiences(), []), 60, "the membership to end")
+    finally:
+        for p in procs:
+            p.stop()
+        await pushly.stop()
+        await odp.stop()
+    assert [r.body["data"]["segment_events"][0]["event"] for r in pushly.delivered()] == ["enter", "exit"]
+    events = [orjson.loads(r.value) for r in await read_topic(settings, names.analytics)]
+    assert [e["type"] for e in events] == [
+        "com.audience-relay.membership.entered",
+        "com.audience-relay.membership.exited",
+    ]
+    # With every component stopped, the partition tool plans a move over the same connection.
+    plan = relay_cli(settings, "partitions", "plan", "--to", "6", "--quiet")
+    outputs.append(plan.stdout + plan.stderr)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert f"keys to move in {names.changelog}:" in plan.stdout and "RELAY_PARTITIONS=6" in plan.stdout
+    # Nothing printed or logged the SASL password.
+    for text in [*outputs, *(p.log.read_text() for p in procs)]:
+        assert secured.password not in text
+
+
+async def _equals(value: Awaitable[object], expected: object) -> bool:
+    return await value == expected
