@@ -7,6 +7,7 @@ with plain aiokafka clients; then every component runs against it as a real proc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.helpers import create_ssl_context
 
+from audience_relay.exits import ExitCode
 from audience_relay.kafkautil import read_topic
 from audience_relay.names import SINKS, TopicNames
 from audience_relay.settings import Settings
@@ -374,3 +376,125 @@ async def test_whole_pipeline_over_sasl_ssl_scram_sha_512(secured: SecuredBroker
 
 async def _equals(value: Awaitable[object], expected: object) -> bool:
     return await value == expected
+
+
+# --- a secured cluster reached with the wrong settings ------------------------------------------
+
+#: Every command that connects to Kafka, as run in production.
+COMMANDS: dict[str, list[str]] = {
+    "ingress": ["ingress"],
+    "worker": ["worker"],
+    **{f"sink {name}": ["sink", name] for name in SINKS},
+    "partitions plan": ["partitions", "plan", "--to", "6", "--quiet"],
+    "dead-letter replay": ["dead-letter", "replay", "--sink", "pushly", "--quiet"],
+    "topics create": ["topics", "create"],
+    "check": ["check"],
+}
+WRONG_PASSWORD = "zK3wrongSaslPw9vT2wX9pL4"
+#: Where each component must give up: the 30 s of the issue.
+DEADLINE = 30.0
+
+
+def broken(secured: SecuredBroker, case: str, other_ca: Path) -> tuple[dict[str, object], str]:
+    """(the settings of ``case``, the setting its one line must name)."""
+    if case == "wrong password":
+        return {"kafka_sasl_password": WRONG_PASSWORD}, "KAFKA_SASL_PASSWORD"
+    if case == "untrusted CA":
+        return {"kafka_ssl_ca_file": str(other_ca)}, "KAFKA_SSL_CA_FILE"
+    # A plaintext client: no TLS, no SASL, against the SASL_SSL listener.
+    plain: dict[str, object] = {
+        "kafka_security_protocol": "PLAINTEXT",
+        "kafka_sasl_mechanism": None,
+        "kafka_sasl_username": None,
+        "kafka_sasl_password": None,
+        "kafka_ssl_ca_file": None,
+    }
+    return plain, "KAFKA_SECURITY_PROTOCOL"
+
+
+async def run_bounded(
+    env: dict[str, str], args: list[str], tmp: Path, slots: asyncio.Semaphore
+) -> tuple[int | None, float, str]:
+    """Run ``audience-relay <args>``: (exit code or None when still running at the deadline, seconds,
+    stdout + stderr)."""
+    async with slots:
+        began = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "audience_relay.cli",
+            *args,
+            env=env,
+            cwd=tmp,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), DEADLINE + 5)
+        except TimeoutError:
+            proc.kill()
+            out, _ = await proc.communicate()
+            return None, time.monotonic() - began, out.decode(errors="replace")
+        return proc.returncode, time.monotonic() - began, out.decode(errors="replace")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", ["wrong password", "untrusted CA", "plaintext client"])
+async def test_every_component_refuses_a_bad_secured_connection_in_one_line(
+    secured: SecuredBroker, case: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    other_ca = make_ca(tmp_path_factory.getbasetemp() / "untrusted-ca", name="some other CA").cert
+    overrides, setting = broken(secured, case, other_ca)
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    settings = secured.relay_settings(
+        pushly_webhook_url=pushly.url,
+        pushly_api_key="pushly-secret-key",
+        odp_webhook_url=odp.url,
+        odp_auth_token="Bearer odp-secret-token",
+        ingress_host="127.0.0.1",
+        ingress_port=free_port(),
+        ingress_metrics_port=free_port(),
+        worker_web_host="127.0.0.1",
+        worker_web_port=free_port(),
+        worker_data_dir=str(tmp_path / "worker-data"),
+        **overrides,
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "RELAY_"))}
+    env.update(settings.to_env())
+    slots = asyncio.Semaphore(3)  # a 2-core box: the deadline is per process, not for the batch
+    try:
+        results = dict(
+            zip(
+                COMMANDS,
+                await asyncio.gather(
+                    *(
+                        run_bounded({**env, "RELAY_SINK_WEB_PORT": str(free_port())}, args, tmp_path, slots)
+                        for args in COMMANDS.values()
+                    )
+                ),
+                strict=True,
+            )
+        )
+    finally:
+        await pushly.stop()
+        await odp.stop()
+    problems: list[str] = []
+    for name, (code, seconds, out) in results.items():
+        lines = [line for line in out.splitlines() if line.strip()]
+        shown = f"{name}: exit {code} after {seconds:.1f}s:\n{out[-1500:]}"
+        if code is None or seconds > DEADLINE:
+            problems.append(f"still running after {DEADLINE:.0f}s — {shown}")
+        elif code != ExitCode.NOPERM:
+            problems.append(f"exit {code}, not {int(ExitCode.NOPERM)} — {shown}")
+        if "Traceback" in out:
+            problems.append(f"a traceback — {shown}")
+        for secret in (secured.password, WRONG_PASSWORD):
+            if secret in out:
+                problems.append(f"a password in the output — {name}")
+        naming = [line for line in lines if setting in line]
+        if not naming:
+            problems.append(f"no line names {setting} — {shown}")
+        elif name != "check" and len(lines) != 1:  # check lists every problem it finds
+            problems.append(f"{len(lines)} lines, not one — {shown}")
+    assert not problems, "\n\n".join(problems)
