@@ -7,6 +7,7 @@ only when a test asks for it).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -107,3 +108,35 @@ def secured_broker(local: Path) -> Iterator[SecuredBroker]:
     finally:
         cli(env, "kafka", "stop")
         broker.stop(kill=True)  # in case the cli could not
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What a finished command did."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def relay_cli(settings: Settings, *args: str, timeout: float = 120) -> Ran:
+    """``audience-relay <args>`` with ``settings`` in its environment, without blocking the event loop
+    (the test's fake destinations answer on it)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "audience_relay.cli",
+        *args,
+        env={**os.environ, **settings.to_env()},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return Ran(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -28,14 +27,13 @@ from aiokafka.helpers import create_ssl_context
 from audience_relay.exits import ExitCode
 from audience_relay.kafkautil import read_topic
 from audience_relay.names import SINKS, TopicNames
-from audience_relay.settings import Settings
 from devtools.localkafka import free_port
 from devtools.localtls import make_ca, make_client_pem
 from devtools.processes import Component, wait_group
 from devtools.wait import until, until_async
 from tests.conftest import SAMPLES
 from tests.fakes import Answer, FakeDestination
-from tests.secured import SecuredBroker, cli, shell_eval
+from tests.secured import SecuredBroker, cli, relay_cli, shell_eval
 
 
 @pytest.fixture
@@ -248,18 +246,6 @@ def exit_body() -> bytes:
     return orjson.dumps(leave)
 
 
-def relay_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """``audience-relay <args>`` with exactly these settings in its environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "audience_relay.cli", *args],
-        env={**os.environ, **settings.to_env()},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 @pytest.mark.timeout(400)
 async def test_whole_pipeline_over_sasl_ssl_scram_sha_512(secured: SecuredBroker, tmp_path: Path) -> None:
     pushly, odp = await FakeDestination().start(), await FakeDestination().start()
@@ -279,7 +265,7 @@ async def test_whole_pipeline_over_sasl_ssl_scram_sha_512(secured: SecuredBroker
     )
     assert settings.kafka_security_protocol == "SASL_SSL" and settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
     names = TopicNames.from_settings(settings)
-    created = relay_cli(settings, "topics", "create")
+    created = await relay_cli(settings, "topics", "create")
     assert created.returncode == 0, created.stderr
     assert names.raw in created.stdout and "created" in created.stdout
     ingress_url = f"http://127.0.0.1:{settings.ingress_port}"
@@ -343,7 +329,7 @@ async def test_whole_pipeline_over_sasl_ssl_scram_sha_512(secured: SecuredBroker
             )
             # Pushly accepts again: the replay delivers what it refused.
             pushly.default = Answer(200)
-            replay = relay_cli(settings, "dead-letter", "replay", "--sink", "pushly", "--quiet")
+            replay = await relay_cli(settings, "dead-letter", "replay", "--sink", "pushly", "--quiet")
             outputs.append(replay.stdout + replay.stderr)
             assert replay.returncode == 0, replay.stderr
             assert "replayed to pushly: 1 delivered, 0 still refused" in replay.stdout
@@ -365,7 +351,7 @@ async def test_whole_pipeline_over_sasl_ssl_scram_sha_512(secured: SecuredBroker
         "com.audience-relay.membership.exited",
     ]
     # With every component stopped, the partition tool plans a move over the same connection.
-    plan = relay_cli(settings, "partitions", "plan", "--to", "6", "--quiet")
+    plan = await relay_cli(settings, "partitions", "plan", "--to", "6", "--quiet")
     outputs.append(plan.stdout + plan.stderr)
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert f"keys to move in {names.changelog}:" in plan.stdout and "RELAY_PARTITIONS=6" in plan.stdout
