@@ -134,7 +134,9 @@ def served(component: Component, settings: Settings) -> dict[int, set[str]]:
         from sinks.run import build_engine, web_app
 
         assert component.sink is not None
-        return {settings.sink_web_port: _paths(web_app(build_engine(settings, component.sink)).router)}
+        return {
+            settings.sink_port(component.sink): _paths(web_app(build_engine(settings, component.sink)).router)
+        }
     return {}
 
 
