@@ -171,7 +171,9 @@ async def test_no_secret_anywhere_in_the_pipeline(secured_kafka: SecuredBroker, 
     kafka_secrets = [secured_kafka.password, KAFKA_KEY_PASSWORD]
     created = await relay_cli(settings, "topics", "create")
     assert created.returncode == 0, created.stderr
-    outputs = [(created.stdout + created.stderr).encode()]  # what the one-shot commands printed
+    checked = await relay_cli(settings, "check")  # prints every effective setting, secrets masked
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    outputs = [(r.stdout + r.stderr).encode() for r in (created, checked)]  # what the commands printed
     topics = TopicNames.from_settings(settings)
     url = f"http://127.0.0.1:{port}"
     procs = [Component(settings, ["ingress"], tmp_path / "ingress.log")]

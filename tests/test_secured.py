@@ -268,6 +268,9 @@ async def test_whole_pipeline_over_sasl_ssl_scram_sha_512(secured: SecuredBroker
     created = await relay_cli(settings, "topics", "create")
     assert created.returncode == 0, created.stderr
     assert names.raw in created.stdout and "created" in created.stdout
+    checked = await relay_cli(settings, "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "KAFKA_SASL_PASSWORD=" in checked.stdout  # listed, masked (the scan below)
     ingress_url = f"http://127.0.0.1:{settings.ingress_port}"
     worker_url = f"http://127.0.0.1:{worker_port}"
     procs = [
@@ -285,7 +288,7 @@ async def test_whole_pipeline_over_sasl_ssl_scram_sha_512(secured: SecuredBroker
             for n in SINKS
         ),
     ]
-    outputs: list[str] = [created.stdout + created.stderr]
+    outputs: list[str] = [created.stdout + created.stderr, checked.stdout + checked.stderr]
     try:
         async with aiohttp.ClientSession(headers={"X-API-KEY": "key-current"}) as http:
 
@@ -471,8 +474,8 @@ async def test_every_component_refuses_a_bad_secured_connection_in_one_line(
         shown = f"{name}: exit {code} after {seconds:.1f}s:\n{out[-1500:]}"
         if code is None or seconds > DEADLINE:
             problems.append(f"still running after {DEADLINE:.0f}s — {shown}")
-        elif code != ExitCode.NOPERM:
-            problems.append(f"exit {code}, not {int(ExitCode.NOPERM)} — {shown}")
+        elif code != (expected := ExitCode.CHECK_FAILED if name == "check" else ExitCode.NOPERM):
+            problems.append(f"exit {code}, not {int(expected)} — {shown}")
         if "Traceback" in out:
             problems.append(f"a traceback — {shown}")
         for secret in (secured.password, WRONG_PASSWORD):
@@ -484,3 +487,5 @@ async def test_every_component_refuses_a_bad_secured_connection_in_one_line(
         elif name != "check" and len(lines) != 1:  # check lists every problem it finds
             problems.append(f"{len(lines)} lines, not one — {shown}")
     assert not problems, "\n\n".join(problems)
+    slowest = max(results.items(), key=lambda item: item[1][1])
+    print(f"{case}: {len(results)} commands refused, slowest {slowest[0]} after {slowest[1][1]:.1f}s")
