@@ -119,6 +119,12 @@ class Ran:
     stderr: str
 
 
+def clean_environ() -> dict[str, str]:
+    """This process's environment without any relay or Kafka setting (a command then gets exactly
+    the settings a test gives it, whatever the shell running the tests has set)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "RELAY_"))}
+
+
 async def relay_cli(settings: Settings, *args: str, timeout: float = 120) -> Ran:
     """``audience-relay <args>`` with ``settings`` in its environment, without blocking the event loop
     (the test's fake destinations answer on it)."""
@@ -127,7 +133,7 @@ async def relay_cli(settings: Settings, *args: str, timeout: float = 120) -> Ran
         "-m",
         "audience_relay.cli",
         *args,
-        env={**os.environ, **settings.to_env()},
+        env={**clean_environ(), **settings.to_env()},
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
