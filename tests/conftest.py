@@ -7,9 +7,9 @@ Maven-resolved jars (and stopped at the end of the session).
 Two tiers: every test whose fixtures reach a broker (``kafka_bootstrap``, ``local_kafka``,
 ``secured_kafka``, or any fixture built on them, such as ``kafka_settings`` and ``ingress``) is marked
 ``kafka`` at collection, so ``pytest -m "not kafka"`` (``make unit``) runs the rest without starting
-one. Only the broker
-fixtures do I/O; ``settings`` is a plain value pointing at no broker. A test outside the ``kafka``
-tier that reaches a broker fixture anyway (``request.getfixturevalue``) fails instead of starting one.
+one. Only the broker fixtures do I/O; ``settings`` is a plain value pointing at no broker. A test
+outside the ``kafka`` tier that reaches a broker fixture anyway (``request.getfixturevalue``) fails
+instead of starting one.
 """
 
 from __future__ import annotations
