@@ -173,17 +173,28 @@ def _more_than_one(text: str) -> int:
 def cmd_kafka(args: argparse.Namespace, settings: LocalSettings) -> int:
     from devtools.localkafka import LocalKafka, LocalKafkaError, fetch_jars
 
-    broker = LocalKafka(settings.local_dir, port=settings.local_kafka_port)
+    if args.secure and args.action != "start":
+        print("error: --secure applies to `kafka start` only", file=sys.stderr)
+        return ExitCode.USAGE
+    broker = LocalKafka(settings.local_dir, port=settings.local_kafka_port, secure=args.secure)
     try:
         if args.action == "fetch":
             print(f"kafka jars in {fetch_jars(settings.local_dir, quiet=False)}")
+        elif args.action == "start" and args.secure:
+            bootstrap = broker.start()
+            # Comments and exports only, so `eval "$(audience-relay kafka start --secure)"` works; the
+            # password is read from its 0600 file when the line runs, so it never lands in a log.
+            print(f"# kafka running at {bootstrap}, SASL_SSL (log: {broker.log_file})")
+            print("# settings for the relay's components:")
+            print("\n".join(broker.client_security().exports()))
         elif args.action == "start":
             print(f"kafka running at {broker.start()} (log: {broker.log_file})")
         elif args.action == "stop":
             print("kafka stopped" if broker.stop() else "kafka was not running")
         elif args.action == "status":
             running = broker.running()
-            print(f"kafka {'running at ' + broker.bootstrap if running else 'not running'}")
+            protocol = broker.formatted_protocol() or "PLAINTEXT"
+            print(f"kafka {f'running at {broker.bootstrap} ({protocol})' if running else 'not running'}")
             return ExitCode.OK if running else ExitCode.KAFKA_NOT_RUNNING
         elif args.action == "wipe":
             broker.wipe()
@@ -259,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("kafka", help="a local single-node Apache Kafka from Maven Central jars")
     p.add_argument("action", choices=["fetch", "start", "stop", "status", "wipe"])
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="start: a SASL_SSL listener (SCRAM users, self-signed CA under the broker's folder); "
+        "prints the KAFKA_* settings to use",
+    )
     p.set_defaults(func=cmd_kafka, settings=LocalSettings)
 
     p = sub.add_parser(

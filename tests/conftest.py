@@ -4,11 +4,12 @@ The broker is, in order of preference: ``KAFKA_BOOTSTRAP_SERVERS`` when set, tes
 when a Docker engine answers, else the project's own single-node KRaft broker started from the
 Maven-resolved jars (and stopped at the end of the session).
 
-Two tiers: every test whose fixtures reach a broker (``kafka_bootstrap``, ``local_kafka``, or any
-fixture built on them, such as ``kafka_settings`` and ``ingress``) is marked ``kafka`` at collection,
-so ``pytest -m "not kafka"`` (``make unit``) runs the rest without starting one. Only the broker
-fixtures do I/O; ``settings`` is a plain value pointing at no broker. A test outside the ``kafka``
-tier that reaches a broker fixture anyway (``request.getfixturevalue``) fails instead of starting one.
+Two tiers: every test whose fixtures reach a broker (``kafka_bootstrap``, ``local_kafka``,
+``secured_kafka``, or any fixture built on them, such as ``kafka_settings`` and ``ingress``) is marked
+``kafka`` at collection, so ``pytest -m "not kafka"`` (``make unit``) runs the rest without starting
+one. Only the broker fixtures do I/O; ``settings`` is a plain value pointing at no broker. A test
+outside the ``kafka`` tier that reaches a broker fixture anyway (``request.getfixturevalue``) fails
+instead of starting one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from aiohttp import web
@@ -26,12 +28,15 @@ from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import LocalKafka, free_port
 from ingress.app import PUBLISHER, build_app
 
+if TYPE_CHECKING:
+    from tests.secured import SecuredBroker
+
 PROJECT = Path(__file__).resolve().parents[1]
 SAMPLES = PROJECT / "fixtures" / "samples"
 LOCAL_DIR = Path(os.environ.get("RELAY_LOCAL_DIR", PROJECT / ".local"))
 
 #: The fixtures that give a test a broker; a test whose fixture closure holds one is marked ``kafka``.
-BROKER_FIXTURES = frozenset({"kafka_bootstrap", "local_kafka"})
+BROKER_FIXTURES = frozenset({"kafka_bootstrap", "local_kafka", "secured_kafka"})
 #: A bootstrap address where no broker listens, for tests that need settings but never a broker: a
 #: client pointed here fails at once (connection refused) instead of waiting for one.
 NO_BROKER = "127.0.0.1:1"
@@ -105,6 +110,20 @@ def local_kafka(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Loca
         yield broker
     finally:
         broker.stop(kill=True)
+
+
+@pytest.fixture(scope="session")
+def secured_kafka(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SecuredBroker]:
+    """A secured local broker (SASL_SSL, SCRAM, self-signed CA) for the session, started with
+    `audience-relay kafka start --secure` the first time a test asks for it (``tests/secured.py``).
+    Always local, also when ``KAFKA_BOOTSTRAP_SERVERS`` is set."""
+    _refuse_outside_kafka_tier(request)
+    from tests.secured import secured_broker  # it imports this module
+
+    with secured_broker(tmp_path_factory.mktemp("secured-local")) as broker:
+        yield broker
 
 
 def make_settings(bootstrap: str, **overrides: object) -> Settings:
