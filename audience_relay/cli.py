@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``audience-relay`` command."""
     args = build_parser().parse_args(argv)
     settings = _settings()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_repeat_seconds)
     return int(args.func(args, settings))
 
 

@@ -24,6 +24,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client import Gauge
 
+from audience_relay.kafkaguard import RETRY_BACKOFF_MS, guard
+
 log = logging.getLogger("audience_relay.lag")
 
 LAG = Gauge(
@@ -70,9 +72,20 @@ class LagMonitor:
 
     async def _clients(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
         if self._admin is None or self._consumer is None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="audience-relay-lag")
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap, client_id="audience-relay-lag", enable_auto_commit=False
+            admin = guard(
+                AIOKafkaAdminClient(
+                    bootstrap_servers=self.bootstrap,
+                    client_id="audience-relay-lag",
+                    retry_backoff_ms=RETRY_BACKOFF_MS,
+                )
+            )
+            consumer = guard(
+                AIOKafkaConsumer(
+                    bootstrap_servers=self.bootstrap,
+                    client_id="audience-relay-lag",
+                    enable_auto_commit=False,
+                    retry_backoff_ms=RETRY_BACKOFF_MS,
+                )
             )
             try:
                 await admin.start()

@@ -8,6 +8,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from audience_relay.kafkaguard import RETRY_BACKOFF_MS, guard
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks.base import Change, Delivered, Destination, Result, RetryAfter, lytics_record
@@ -85,11 +86,14 @@ class AnalyticsTopic:
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._settings.kafka_bootstrap_servers,
-            enable_idempotence=True,
-            linger_ms=5,
-            client_id="audience-relay-sink-analytics",
+        self._producer = guard(
+            AIOKafkaProducer(
+                bootstrap_servers=self._settings.kafka_bootstrap_servers,
+                enable_idempotence=True,
+                linger_ms=5,
+                client_id="audience-relay-sink-analytics",
+                retry_backoff_ms=RETRY_BACKOFF_MS,
+            )
         )
         await self._producer.start()
 

@@ -31,6 +31,7 @@ from aiokafka import (
 )
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
+from audience_relay.kafkaguard import RETRY_BACKOFF_MS, guard
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks import metrics
@@ -107,16 +108,24 @@ class SinkEngine:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set; then finish in-flight batches and commit them."""
         s = self.settings
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
-            group_id=group_id(s, self.name),
-            client_id=f"audience-relay-sink-{self.name}",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=max(500, self.batch_size),
+        # guard: bounded metadata retries while the broker is away (audience_relay/kafkaguard.py).
+        self._consumer = guard(
+            AIOKafkaConsumer(
+                bootstrap_servers=s.kafka_bootstrap_servers,
+                group_id=group_id(s, self.name),
+                client_id=f"audience-relay-sink-{self.name}",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_poll_records=max(500, self.batch_size),
+                retry_backoff_ms=RETRY_BACKOFF_MS,
+            )
         )
-        self._dead_letters = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap_servers, enable_idempotence=True
+        self._dead_letters = guard(
+            AIOKafkaProducer(
+                bootstrap_servers=s.kafka_bootstrap_servers,
+                enable_idempotence=True,
+                retry_backoff_ms=RETRY_BACKOFF_MS,
+            )
         )
         await self.destination.start()
         await self._dead_letters.start()
