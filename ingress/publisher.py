@@ -26,7 +26,7 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from audience_relay.kafkaguard import RETRY_BACKOFF_MS, guard
+from audience_relay import kafka
 from audience_relay.settings import Settings
 from ingress import metrics
 
@@ -62,18 +62,15 @@ class Publisher:
 
     def _new_producer(self) -> AIOKafkaProducer:
         s = self._settings
-        return guard(
-            AIOKafkaProducer(
-                bootstrap_servers=s.kafka_bootstrap_servers,
-                client_id=self._client_id,
-                enable_idempotence=True,  # implies acks=all and no duplicates from producer retries
-                acks="all",
-                linger_ms=s.producer_linger_ms,
-                max_batch_size=512 * 1024,
-                max_request_size=s.max_body_bytes + 512 * 1024,
-                request_timeout_ms=max(int(s.produce_timeout_seconds * 1000) * 2, 10_000),
-                retry_backoff_ms=RETRY_BACKOFF_MS,
-            )
+        return kafka.producer(
+            s,
+            client_id=self._client_id,
+            enable_idempotence=True,  # implies acks=all and no duplicates from producer retries
+            acks="all",
+            linger_ms=s.producer_linger_ms,
+            max_batch_size=512 * 1024,
+            max_request_size=s.max_body_bytes + 512 * 1024,
+            request_timeout_ms=max(int(s.produce_timeout_seconds * 1000) * 2, 10_000),
         )
 
     async def start(self) -> None:

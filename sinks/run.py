@@ -98,7 +98,7 @@ def run_sink(settings: Settings, name: str) -> None:
         await web.TCPSite(runner, settings.worker_web_host, settings.sink_web_port).start()
         topics = TopicNames.from_settings(settings)
         lag = LagMonitor(
-            settings.kafka_bootstrap_servers,
+            settings,
             group_id(settings, name),
             [topics.membership_changes],
             settings.lag_interval_seconds,

@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
+from audience_relay import kafka
 from audience_relay.kafkautil import read_topic
 from audience_relay.logs import JsonFormatter
 from audience_relay.topics import TopicNames, create_topics
@@ -108,7 +108,7 @@ def encoded_forms(secret: str) -> set[bytes]:
 
 async def prefix_records(bootstrap: str, prefix: str) -> dict[str, list[Any]]:
     """Every record of every topic whose name starts with the test's prefix (internal ones too)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka.admin(bootstrap)
     await admin.start()
     try:
         names = [t for t in await admin.list_topics() if t.startswith(prefix)]

@@ -7,10 +7,11 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import REGISTRY
 
+from audience_relay import kafka
 from audience_relay.kafkautil import read_topic
 from audience_relay.lag import LagMonitor, partition_lag
 from audience_relay.settings import Settings
@@ -37,8 +38,8 @@ def test_partition_lag_counts_from_log_start_when_never_committed() -> None:
     assert partition_lag(ends, starts, {a: 7, c: 2}) == {a: 3, b: 6, c: 2}
 
 
-async def _commit(bootstrap: str, group: str, offsets: dict[TopicPartition, int]) -> None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+async def _commit(settings: Settings, group: str, offsets: dict[TopicPartition, int]) -> None:
+    consumer = kafka.consumer(settings, group_id=group)
     await consumer.start()
     try:
         consumer.assign(list(offsets))
@@ -49,9 +50,8 @@ async def _commit(bootstrap: str, group: str, offsets: dict[TopicPartition, int]
 
 async def test_lag_follows_the_groups_commits_whoever_owns_the_partition(settings: Settings) -> None:
     topics = TopicNames.from_settings(settings)
-    bootstrap = settings.kafka_bootstrap_servers
     group = f"{settings.topic_prefix}.sink.lagtest"
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    producer = kafka.producer(settings)
     await producer.start()
     try:
         for partition, count in enumerate((5, 3, 0)):
@@ -59,15 +59,15 @@ async def test_lag_follows_the_groups_commits_whoever_owns_the_partition(setting
                 await producer.send_and_wait(topics.membership_changes, b"x%d" % n, partition=partition)
     finally:
         await producer.stop()
-    monitor = LagMonitor(bootstrap, group, [topics.membership_changes], interval=60)
+    monitor = LagMonitor(settings, group, [topics.membership_changes], interval=60)
     p0, p1 = TopicPartition(topics.membership_changes, 0), TopicPartition(topics.membership_changes, 1)
     try:
         lag = await _poll(monitor)
         assert lag[p0] == 5 and lag[p1] == 3, lag  # nothing committed yet: everything is lag
         # One member commits part of partition 0; the partition then moves and another member
         # (a new consumer of the same group) finishes partition 1.
-        await _commit(bootstrap, group, {p0: 2})
-        await _commit(bootstrap, group, {p1: 3})
+        await _commit(settings, group, {p0: 2})
+        await _commit(settings, group, {p1: 3})
         lag = await _poll(monitor)
     finally:
         await monitor.close()
