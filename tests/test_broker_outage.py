@@ -12,12 +12,17 @@ from pathlib import Path
 import aiohttp
 import orjson
 import psutil
+import pytest
+from aiokafka.admin import NewTopic
 
+from audience_relay import kafka
 from audience_relay.kafkautil import read_topic
 from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import LocalKafka, free_port
 from devtools.processes import Component, wait_group
 from devtools.wait import until, until_async
+from ingress.app import PUBLISHER
+from ingress.publisher import BrokerUnavailable, Publisher
 from tests.conftest import make_settings, start_ingress
 from tests.fakes import FakeDestination
 from tests.test_sinks import sink_settings
@@ -25,34 +30,48 @@ from tests.test_sinks import sink_settings
 KEY = {"X-API-KEY": "key-current"}
 
 
-async def test_broker_outage_answers_503_then_recovers(local_kafka: LocalKafka) -> None:
+@pytest.mark.parametrize("kill", [False, True], ids=["graceful", "kill-9"])
+async def test_broker_outage_answers_503_at_once_then_recovers(local_kafka: LocalKafka, kill: bool) -> None:
+    """While the broker is away the ingress answers 503 + Retry-After at once (at most the request
+    that finds out waits its produce timeout) and writes none of those bodies later; once the
+    broker is back the same ingress stores again by itself."""
     settings = make_settings(local_kafka.bootstrap, produce_timeout_seconds=2.0, retry_after_seconds=3)
     await create_topics(settings)
     topics = TopicNames.from_settings(settings)
     running = await start_ingress(settings)
+    publisher = running.app[PUBLISHER]
     stored: list[bytes] = []
+    refused_at_once: list[bytes] = []
     try:
         async with aiohttp.ClientSession() as http:
 
             async def post(n: int) -> tuple[int, dict[str, str]]:
                 body = orjson.dumps({"data": {"email": f"user{n}@example.com"}, "n": n})
+                knew = not publisher.reachable
+                started = time.monotonic()
                 async with http.post(running.url + "/v1/lytics", data=body, headers=KEY) as resp:
                     await resp.read()
                     if resp.status == 200:
                         stored.append(body)
+                    elif knew:
+                        # The ingress knew the broker was away: no wait for the produce timeout.
+                        assert time.monotonic() - started < 0.5
+                        refused_at_once.append(body)
                     return resp.status, dict(resp.headers)
 
             assert (await post(0))[0] == 200
-            local_kafka.stop()
-            for n in range(1, 4):
+            local_kafka.stop(kill=kill)
+            for n in range(1, 6):
                 status, headers = await post(n)
                 assert status == 503, status
                 assert headers["Retry-After"] == "3"
+            assert not publisher.reachable
+            assert len(refused_at_once) >= 4
             local_kafka.start()
             # Lytics keeps retrying; the same ingress process must answer 200 again on its own.
             deadline = time.monotonic() + 90
             status = 0
-            n = 4
+            n = 6
             while status != 200:
                 assert time.monotonic() < deadline, "the ingress did not recover after the broker came back"
                 status, headers = await post(n)
@@ -65,8 +84,10 @@ async def test_broker_outage_answers_503_then_recovers(local_kafka: LocalKafka) 
     finally:
         await running.runner.cleanup()
     landed = {r.value for r in await read_topic(local_kafka.bootstrap, topics.raw)}
-    # Every body that was answered 200 is in Kafka (a 503'd one may be too: Lytics retries it anyway).
+    # Every body that was answered 200 is in Kafka; none refused at once was written behind the
+    # client's back (only the one in flight when the broker went away may be: Lytics retries it).
     assert set(stored) <= landed
+    assert not set(refused_at_once) & landed
     assert len(stored) >= 6
 
 
@@ -294,3 +315,33 @@ async def test_graceful_broker_stop_under_load(local_kafka: LocalKafka, tmp_path
     raw = Counter(r.value for r in await read_topic(local_kafka.bootstrap, topics.raw))
     assert set(load.stored()) <= set(raw)
     assert sum(n - 1 for n in raw.values()) <= CLIENTS, "refused bodies were written anyway"
+
+
+async def test_a_failed_record_gets_the_ingress_a_new_producer(kafka_bootstrap: str) -> None:
+    """aiokafka's idempotent producer counts a failed batch's sequence number, so the broker would
+    refuse every later batch of that partition; the publisher replaces the producer first."""
+    settings = make_settings(kafka_bootstrap, produce_timeout_seconds=5.0)
+    small = f"{settings.topic_prefix}.small"
+    admin = kafka.admin(settings)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(small, 1, 1, topic_configs={"max.message.bytes": "2000"})])
+    finally:
+        await admin.close()
+    publisher = Publisher(settings)
+    await publisher.start()
+    try:
+        assert await publisher.wait_connected(60)
+        await publisher.send(small, b"fits", [])
+        first = publisher._producer
+        with pytest.raises(BrokerUnavailable):
+            await publisher.send(small, b"x" * 5000, [])  # the broker refuses it: too large
+        assert not publisher.reachable
+        with pytest.raises(BrokerUnavailable, match="unreachable"):
+            await publisher.send(small, b"refused at once", [])
+        await until(lambda: publisher.reachable, 30, "the publisher to accept again")
+        await publisher.send(small, b"fits again", [])  # the old producer would fail it as out of order
+        assert publisher._producer is not first
+    finally:
+        await publisher.stop()
+    assert [r.value for r in await read_topic(kafka_bootstrap, small)] == [b"fits", b"fits again"]
