@@ -99,7 +99,7 @@ USERS_PER_BODY = 20
 #: the stop is confirmed and the ingress refuses, and ends when the broker is back).
 MEASURE_SECONDS = 10.0
 #: Bounds over the measurement, per component: CPU as a fraction of one core, log lines per second.
-MAX_CPU = 0.15
+MAX_CPU = 0.10
 MAX_LINES_PER_S = 1.0
 #: An answer while the ingress knows the broker is away: at once, not after RELAY_PRODUCE_TIMEOUT_SECONDS.
 MAX_REFUSAL_SECONDS = 0.5
@@ -183,9 +183,11 @@ class Usage:
         return Usage(times.user + times.system, lines)
 
 
-async def _status(http: aiohttp.ClientSession, url: str) -> int:
+async def _status(url: str) -> int:
+    """A probe's status, on a connection of its own (as the kubelet does: a kept-alive connection
+    idle past the ingress's header timeout is answered 408 by its guard)."""
     try:
-        async with http.get(url) as resp:
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
             return resp.status
     except aiohttp.ClientError:
         return 0
@@ -241,7 +243,7 @@ async def test_graceful_broker_stop_under_load(local_kafka: LocalKafka, tmp_path
             async def all_ready() -> bool:
                 for name, c in components.items():
                     assert c.alive(), f"{name} died: {c.log.read_text()[-3000:]}"
-                return all([await _status(http, url + "/readyz") == 200 for url in probes.values()])
+                return all([await _status(url + "/readyz") == 200 for url in probes.values()])
 
             await until_async(all_ready, 120, "every component to be ready", interval=0.5)
             await wait_group(settings, 1)
@@ -253,7 +255,7 @@ async def test_graceful_broker_stop_under_load(local_kafka: LocalKafka, tmp_path
 
             async def ingress_refuses() -> bool:
                 refused = [a for a in load.since(stopped) if a.status == 503]
-                return len(refused) >= 3 and await _status(http, probes["ingress"] + "/readyz") == 503
+                return len(refused) >= 3 and await _status(probes["ingress"] + "/readyz") == 503
 
             await until_async(ingress_refuses, 60, "the ingress to refuse while the broker is away", 0.2)
 
@@ -265,7 +267,7 @@ async def test_graceful_broker_stop_under_load(local_kafka: LocalKafka, tmp_path
             during = load.since(window)
             # Readiness while the broker is away: workers and sinks stay ready (README, *Probes*).
             outage_probes = {
-                name: (await _status(http, url + "/healthz"), await _status(http, url + "/readyz"))
+                name: (await _status(url + "/healthz"), await _status(url + "/readyz"))
                 for name, url in probes.items()
             }
 
