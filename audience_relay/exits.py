@@ -40,15 +40,13 @@ class ExitCode(IntEnum):
     CONFIG = 78
 
 
-class Fatal(SystemExit):
+class Fatal(Exception):
     """A failure to report as one line (``message``, naming what to fix) and exit with ``code``.
 
-    The CLI prints ``message`` on stderr and exits with ``code``. A ``SystemExit``, so that no
-    ``except Exception`` on the way swallows it, and a process it escapes from still exits with its
-    code. The message must never hold a secret.
+    The CLI prints ``message`` on stderr and exits with ``code``. The message must never hold a
+    secret. (Not a ``SystemExit``: asyncio lets those escape through the event loop instead of the
+    awaiting code.)
     """
-
-    code: ExitCode
 
     def __init__(self, message: str, code: ExitCode = ExitCode.FAILURE) -> None:
         super().__init__(message)

@@ -613,11 +613,13 @@ def kafka_problems(s: Settings) -> list[str]:
             )
         except ssl.SSLError as exc:
             reason = _ssl_reason(exc)
+            # OpenSSL reports a key it cannot decrypt only as a "PEM lib" error: look at the file.
+            encrypted = b"ENCRYPTED" in (key or cert).read_bytes()
             if "mismatch" in reason:
                 problems.append(
                     f"KAFKA_SSL_KEY_FILE={key}: not the private key of KAFKA_SSL_CERT_FILE={cert}"
                 )
-            elif "decrypt" in reason or "bad password" in reason:
+            elif encrypted:
                 problems.append(
                     f"KAFKA_SSL_KEY_FILE={key or cert}: the key is encrypted and KAFKA_SSL_KEY_PASSWORD "
                     + ("does not decrypt it" if password else "is not set")
