@@ -302,11 +302,16 @@ async def test_graceful_broker_stop_under_load(local_kafka: LocalKafka, tmp_path
     print(
         "\nbroker away (graceful stop): "
         + "; ".join(f"{name} {cpu:.1%} CPU, {lines:.1f} lines/s" for name, (cpu, lines) in usage.items())
-        + f"; {len(during)} answers, slowest {max(a.seconds for a in during):.3f}s"
+        + f"; {len(during)} answers, slowest of those asked in the window "
+        + f"{max((a.seconds for a in during if a.at - a.seconds >= window), default=0):.3f}s"
     )
     refused = [a for a in during if a.status == 503]
     assert refused and len(refused) == len(during), "the ingress stored while the broker was away"
-    assert max(a.seconds for a in during) < MAX_REFUSAL_SECONDS
+    # Requests sent while the ingress knew (those in flight when the broker went away may wait out
+    # their produce timeout, and end inside the window).
+    asked_knowing = [a for a in during if a.at - a.seconds >= window]
+    assert len(asked_knowing) >= CLIENTS * MEASURE_SECONDS / 2
+    assert max(a.seconds for a in asked_knowing) < MAX_REFUSAL_SECONDS
     assert outage_probes == {"ingress": (200, 503), "worker": (200, 200), "sink": (200, 200)}
     for name, (cpu, lines) in usage.items():
         assert cpu < MAX_CPU, f"{name} used {cpu:.0%} of a core while the broker was away"
