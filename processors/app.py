@@ -31,7 +31,7 @@ from faust.streams import _current_event  # no public way to name a table write'
 from faust.types import EventT, StreamT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from audience_relay import kafka
+from audience_relay import faustguard, kafka
 from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, replica_configs
@@ -102,7 +102,8 @@ def app_id(settings: Settings) -> str:
 def create_app(settings: Settings) -> faust.App:
     """The processors' faust app for ``settings`` (one per worker process)."""
     names = TopicNames.from_settings(settings)
-    scheme = offsets.SCHEME if settings.offset_guard else "kafka"
+    # Either transport guards its Kafka clients against broker outages (audience_relay/faustguard.py).
+    scheme = offsets.SCHEME if settings.offset_guard else faustguard.SCHEME
     app = flow.App(
         app_id(settings),
         # relaykafka:// is faust's aiokafka transport with the offset guard (processors/offsets.py);
