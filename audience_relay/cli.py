@@ -304,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace, object], int] = args.func
     try:
         settings = load_settings(args.settings) if args.settings is not None else None
-        logs.configure(settings.log_level if isinstance(settings, Settings) else "INFO")
+        if isinstance(settings, Settings):
+            logs.configure(settings.log_level, settings.log_repeat_seconds)
+        else:
+            logs.configure("INFO")
         return int(func(args, settings))
     except Fatal as exc:
         failure = exc

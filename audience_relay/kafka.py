@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.helpers import create_ssl_context
 from faust.types.auth import CredentialsT
 
+from audience_relay import faustguard, kafkaguard
 from audience_relay.exits import ExitCode, Fatal
 from audience_relay.settings import Settings
 
@@ -104,12 +105,18 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
+#: What every client gets for broker outages: aiokafka's own retry backoff (fetch, coordinator and
+#: produce retries). What aiokafka has no setting for — metadata retries, queued records expiring —
+#: ``kafkaguard.guard`` adds to every client made here (and ``faustguard`` to faust's).
+_OUTAGE_KWARGS: dict[str, Any] = {"retry_backoff_ms": kafkaguard.RETRY_BACKOFF_MS}
+
+
 def producer(settings: Settings | str, **overrides: Any) -> AIOKafkaProducer:
     """A producer (not started). Idempotent, so acks=all, unless ``overrides`` say otherwise."""
     s = as_settings(settings)
-    kwargs: dict[str, Any] = {"client_id": CLIENT_ID, "enable_idempotence": True}
+    kwargs: dict[str, Any] = {**_OUTAGE_KWARGS, "client_id": CLIENT_ID, "enable_idempotence": True}
     kwargs.update(overrides)
-    return AIOKafkaProducer(**connection_kwargs(s), **kwargs)
+    return kafkaguard.guard(AIOKafkaProducer(**connection_kwargs(s), **kwargs))
 
 
 def consumer(settings: Settings | str, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
@@ -118,17 +125,17 @@ def consumer(settings: Settings | str, *topics: str, **overrides: Any) -> AIOKaf
     Offsets are never committed automatically: every reader of the relay commits what it finished.
     """
     s = as_settings(settings)
-    kwargs: dict[str, Any] = {"client_id": CLIENT_ID, "enable_auto_commit": False}
+    kwargs: dict[str, Any] = {**_OUTAGE_KWARGS, "client_id": CLIENT_ID, "enable_auto_commit": False}
     kwargs.update(overrides)
-    return AIOKafkaConsumer(*topics, **connection_kwargs(s), **kwargs)
+    return kafkaguard.guard(AIOKafkaConsumer(*topics, **connection_kwargs(s), **kwargs))
 
 
 def admin(settings: Settings | str, **overrides: Any) -> AIOKafkaAdminClient:
     """An admin client (not started)."""
     s = as_settings(settings)
-    kwargs: dict[str, Any] = {"client_id": CLIENT_ID}
+    kwargs: dict[str, Any] = {**_OUTAGE_KWARGS, "client_id": CLIENT_ID}
     kwargs.update(overrides)
-    return AIOKafkaAdminClient(**connection_kwargs(s), **kwargs)
+    return kafkaguard.guard(AIOKafkaAdminClient(**connection_kwargs(s), **kwargs))
 
 
 def faust_credentials(settings: Settings) -> CredentialsT | None:
@@ -148,9 +155,10 @@ def faust_credentials(settings: Settings) -> CredentialsT | None:
     return None
 
 
-def faust_broker_settings(settings: Settings, scheme: str = "kafka") -> dict[str, Any]:
+def faust_broker_settings(settings: Settings, scheme: str = faustguard.SCHEME) -> dict[str, Any]:
     """The ``faust.App`` arguments for the brokers: ``broker`` (one ``scheme://host:port`` URL per
-    bootstrap server) and ``broker_credentials``. ``scheme`` picks faust's transport."""
+    bootstrap server) and ``broker_credentials``. ``scheme`` picks faust's transport: by default
+    faust's aiokafka one with guarded clients (``audience_relay/faustguard.py``)."""
     return {
         "broker": [f"{scheme}://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
         "broker_credentials": faust_credentials(settings),

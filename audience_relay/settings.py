@@ -358,6 +358,11 @@ class Settings(LocalSettings):
 
     # --- Operations -------------------------------------------------------------------------
     log_level: str = Field("INFO", validation_alias=AliasChoices("RELAY_LOG_LEVEL", "log_level"))
+    #: A repeated warning/error (same logger and text) is written at most once per this many
+    #: seconds, with the count of those left out (audience_relay/logs.py); 0 writes every one.
+    log_repeat_seconds: float = Field(
+        30.0, ge=0, validation_alias=AliasChoices("RELAY_LOG_REPEAT_SECONDS", "log_repeat_seconds")
+    )
     #: How often a worker or sink reads its consumer group's lag (relay_consumer_lag).
     lag_interval_seconds: float = Field(
         15.0, gt=0, validation_alias=AliasChoices("RELAY_LAG_INTERVAL_SECONDS", "lag_interval_seconds")

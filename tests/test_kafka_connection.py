@@ -241,8 +241,8 @@ def test_faust_gets_the_same_connection(pki: dict[str, Pem], protocol: str) -> N
     if "SSL" in protocol:
         values |= {"kafka_ssl_ca_file": pki["ca"].cert}
     s = settings(**values, kafka_bootstrap_servers="k1:9093, k2:9093")
-    broker = kafka.faust_broker_settings(s, scheme="relaykafka")
-    assert broker["broker"] == ["relaykafka://k1:9093", "relaykafka://k2:9093"]
+    broker = kafka.faust_broker_settings(s)
+    assert broker["broker"] == ["guardedkafka://k1:9093", "guardedkafka://k2:9093"]
     # faust's own aiokafka driver turns the credentials into client arguments: the factory's ones.
     expected = {k: v for k, v in kafka.connection_kwargs(s).items() if k != "bootstrap_servers"}
     translated = {k: v for k, v in credentials_to_aiokafka_auth(broker["broker_credentials"]).items() if v}
@@ -254,7 +254,7 @@ def test_the_processors_app_connects_through_the_factory(pki: dict[str, Pem], tm
 
     s = secured(pki, replication_factor=3, min_insync_replicas=2, worker_data_dir=tmp_path)
     app = create_app(s)
-    assert [str(u) for u in app.conf.broker] == ["kafka://127.0.0.1:9092"]
+    assert [str(u) for u in app.conf.broker] == ["guardedkafka://127.0.0.1:9092"]
     assert credentials_to_aiokafka_auth(app.conf.broker_credentials)["sasl_plain_password"] == PASSWORD
     assert app.conf.topic_replication_factor == 3
     [table] = app.tables.values()
