@@ -206,11 +206,27 @@ class SplitStage:
                     )
                 )
                 metrics.DEAD_LETTERED.labels(rej.code).inc()
-                log.info(
+                # A bad record is the sender's business (info); a split that failed is ours (error).
+                log.log(
+                    logging.ERROR if rej.exception is not None else logging.INFO,
                     "record dead-lettered",
                     extra={"reason_code": rej.code, "reason": rej.reason, "request_id": ctx.request_id},
+                    exc_info=rej.exception,
                 )
             metrics.EVENTS_OUT.inc(len(result.events))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "webhook split",
+                    extra={
+                        "request_id": ctx.request_id,
+                        "source": ctx.source,
+                        "events": len(result.events),
+                        "field_changes": len(result.field_changes),
+                        "rejected": len(result.rejected),
+                        "partition": record.partition,
+                        "offset": record.offset,
+                    },
+                )
             await asyncio.sleep(0)  # one body's CPU at a time: probes and heartbeats stay answered
         await outbox.flush()
         if dead_letters:
