@@ -199,3 +199,24 @@ async def test_two_workers_share_partitions_and_match_one(kafka_bootstrap: str, 
     finally:
         for w in workers:
             w.stop()
+
+
+async def test_a_healthy_backlog_run_logs_no_warning(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A backlog through one worker: every batch is clean, so not one warning (or error) line."""
+    settings = make_settings(kafka_bootstrap, partitions=4)
+    await create_topics(settings)
+    bodies = bodies_for(range(4_000), per_body=300)
+    expected_table, expected_changes = oracle(settings, bodies)
+    await preload(settings, bodies)  # a backlog before the worker starts, like a backfill
+    worker = start_worker(settings, tmp_path, RELAY_LOG_LEVEL="INFO")
+    try:
+        await wait_for_outputs(settings, [worker], expected_changes, expected_table, timeout=300)
+        await wait_caught_up(settings, [worker])
+    finally:
+        worker.stop()
+    lines = [orjson.loads(line) for line in worker.log.read_text().splitlines() if line.startswith("{")]
+    started = next(i for i, line in enumerate(lines) if line["event"] == "membership partitions started")
+    # From the first batch on (before it, aiokafka may log a group coordinator it is still looking
+    # for at start: retried, and not about the data).
+    noisy = [f"{ln['level']} {ln['logger']}: {ln['event']}" for ln in lines[started:] if ln["level"] != "info"]
+    assert noisy == [], noisy
