@@ -218,5 +218,5 @@ async def test_a_healthy_backlog_run_logs_no_warning(kafka_bootstrap: str, tmp_p
     started = next(i for i, line in enumerate(lines) if line["event"] == "membership partitions started")
     # From the first batch on (before it, aiokafka may log a group coordinator it is still looking
     # for at start: retried, and not about the data).
-    noisy = [f"{ln['level']} {ln['logger']}: {ln['event']}" for ln in lines[started:] if ln["level"] != "info"]
+    noisy = [f"{x['level']} {x['logger']}: {x['event']}" for x in lines[started:] if x["level"] != "info"]
     assert noisy == [], noisy
