@@ -348,24 +348,19 @@ class MembershipStage:
         """Start the partitions whose local state is complete; the others wait for the next recovery."""
         async with self._lock:
             wanted = set(partitions)
-            ready = {p for p in wanted if await self._state_complete(p)}
+            ready = await self._complete(wanted)
             if wanted - ready:
-                log.warning(
+                log.info(
                     "table partitions not recovered yet; not processing them",
                     extra={"partitions": sorted(wanted - ready)},
                 )
-            tps = [TopicPartition(self.names.segment_events, p) for p in sorted(ready)]
-            self.consumer.assign(tps)
-            for tp in tps:
-                committed = await self.consumer.committed(tp)
-                if committed is None:
-                    await self.consumer.seek_to_beginning(tp)
-                else:
-                    self.consumer.seek(tp, committed)
             started = time.monotonic()
             for p in sorted(ready):
                 self.counts.rebuild(p, self.store.items(p))
                 await asyncio.sleep(0)
+            # aiokafka fetches the group's committed offsets of newly assigned partitions in one
+            # request, and starts a partition without one at its beginning (auto_offset_reset).
+            self.consumer.assign([TopicPartition(self.names.segment_events, p) for p in sorted(ready)])
             self.active = frozenset(ready)
             self.loop.wake()
             log.info(
@@ -373,14 +368,18 @@ class MembershipStage:
                 extra={"partitions": sorted(ready), "count_seconds": round(time.monotonic() - started, 3)},
             )
 
-    async def _state_complete(self, partition: int) -> bool:
-        """True when the local store holds every record of the changelog partition."""
-        if not self.store.tracks_offsets():
-            return True  # the in-memory store (tests) keeps no offsets; faust's recovery is trusted
-        tp = TopicPartition(self.names.membership, partition)
-        end = (await self.consumer.end_offsets([tp]))[tp]
-        persisted = self.store.persisted_offset(partition)
-        return end == 0 or (persisted is not None and persisted + 1 >= end)
+    async def _complete(self, partitions: set[int]) -> set[int]:
+        """The partitions whose local store holds every record of their changelog partition."""
+        if not partitions or not self.store.tracks_offsets():
+            return partitions  # the in-memory store (tests) keeps no offsets; faust's recovery is trusted
+        tps = [TopicPartition(self.names.membership, p) for p in partitions]
+        ends = await self.consumer.end_offsets(tps)
+        complete = set()
+        for tp in tps:
+            persisted = self.store.persisted_offset(tp.partition)
+            if ends[tp] == 0 or (persisted is not None and persisted + 1 >= ends[tp]):
+                complete.add(tp.partition)
+        return complete
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process assigned partitions until ``stop`` is set (or a write fails: then raise)."""
