@@ -8,6 +8,13 @@ The libraries' own loggers (faust, mode, aiokafka, aiohttp) go through the same 
 worker's output is JSON too: ``processors.worker`` starts faust with ``override_logging=False``,
 because faust's worker would otherwise replace the root handler with its coloured text one.
 
+A library line can quote what a client sent: aiohttp's server logs a request it cannot parse with
+the parser's message, which quotes the raw line — a header with a key in it and a bare LF or a NUL,
+say. ``scrub_library_loggers`` (part of ``configure``) keeps such a line's event and the error's
+type and drops the quoted bytes, on every component's aiohttp server (the ingress answers those
+requests itself, ``ingress.guard.OwnAnswers``; a worker's query port and a sink's port are
+aiohttp's own). No secret reaches a log line, whatever bytes arrive.
+
 Correlation fields: ``request_id`` (the ingress's, or the client's ``X-Request-Id``) travels in the
 raw record's headers into the split agent's lines and dead letters, and inside every segment event
 and membership change; ``change_ids`` name the changes a sink line is about.
@@ -21,6 +28,7 @@ import time
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
@@ -44,6 +52,30 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class _NoRequestBytes(logging.Filter):
+    """Keeps a parser error's type and drops its message (the raw request line it quotes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "malformed HTTP request refused"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.error_type = type(exc).__name__
+        return True
+
+
+_SCRUB = _NoRequestBytes()
+
+
+def scrub_library_loggers() -> None:
+    """Keep the raw request bytes aiohttp's parser errors quote out of the log (idempotent)."""
+    server = logging.getLogger("aiohttp.server")
+    if _SCRUB not in server.filters:
+        server.addFilter(_SCRUB)
+
+
 def configure(level: str = "INFO") -> None:
     """Send every logger's output, as JSON lines, to stderr at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
@@ -60,6 +92,7 @@ def configure(level: str = "INFO") -> None:
     # aiokafka logs every failed reconnect at ERROR; our own lines say what it means for a request.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, numeric))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    scrub_library_loggers()
     # Python warnings and uncaught exceptions become JSON lines too, not bare tracebacks.
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
