@@ -14,11 +14,14 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from audience_relay import logs
+from audience_relay import logs, signals
 from audience_relay.settings import Settings
 from devtools.localkafka import LocalKafka, LocalKafkaError, fetch_jars
 
 log = logging.getLogger("audience_relay")
+
+#: The commands that run until stopped: SIGHUP must never kill them (README "Signals").
+LONG_RUNNING = frozenset({"ingress", "worker", "sink", "up"})
 
 
 def _settings() -> Settings:
@@ -195,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``audience-relay`` command."""
     args = build_parser().parse_args(argv)
+    if args.command in LONG_RUNNING:
+        # Before the slow imports and start-up: a SIGHUP now is answered once the command can
+        # reload, instead of killing it (audience_relay.signals).
+        signals.defer_hangup()
     settings = _settings()
     logs.configure(settings.log_level)
     return int(args.func(args, settings))

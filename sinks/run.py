@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import signal
 
 import orjson
 from aiohttp import web
@@ -12,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tqdm import tqdm
 
+from audience_relay import signals
 from audience_relay.kafkautil import end_offsets
 from audience_relay.lag import LagMonitor
 from audience_relay.settings import Settings
@@ -89,9 +89,8 @@ def run_sink(settings: Settings, name: str) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: nothing to reload (logged); SIGTERM/SIGINT: stop (README "Signals").
+        remove_handlers = signals.install(asyncio.get_running_loop(), f"sink {name}", stop=stop.set)
         engine = build_engine(settings, name)
         runner = web.AppRunner(web_app(engine), access_log=None)
         await runner.setup()
@@ -110,6 +109,7 @@ def run_sink(settings: Settings, name: str) -> None:
             stop.set()
             await lag_task
             await runner.cleanup()
+            remove_handlers()
 
     asyncio.run(main())
 
