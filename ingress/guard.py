@@ -12,6 +12,12 @@ it serves — the webhook port and the operations port alike:
   Retry-After before any aiohttp code runs. It starts a deadline when a connection opens and whenever
   the first byte of a new request arrives on an idle keep-alive connection; if no request head was
   complete when it fires, the client gets a 408 and the connection is closed.
+- It also bounds what a connection makes the process hold before any credential is checked: a
+  head is counted as it arrives (``HeadMeter``: up to the blank line, without parsing HTTP) and
+  refused with a 431 past ``MAX_HEAD_BYTES`` before aiohttp holds it; aiohttp gets one request at a
+  time — bytes after a complete head wait here until aiohttp has handed that head on (then they are
+  its body, or the next request), and the next request waits, unparsed, until the one being served
+  is answered (HTTP/1.1 pipelining, ``MAX_PIPELINED_BYTES`` at most, else the connection is cut).
 - The site wraps the server's ``request_factory`` and ``request_handler``: the first is called the
   moment aiohttp hands a parsed head on, which is how the connection knows the head was complete
   without parsing HTTP itself (from then on the head deadline no longer applies); the second gives
@@ -154,6 +160,9 @@ class GuardedConnection(asyncio.Protocol):
         self._payload: Any = None
         #: Bytes that arrived after the served request's body: the next requests, not parsed yet.
         self._held: list[bytes] = []
+        #: Bytes that came after a complete head, before aiohttp handed it on: body or next request.
+        self._pending: list[bytes] = []
+        self._feeding = False
         self._timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -189,16 +198,34 @@ class GuardedConnection(asyncio.Protocol):
             self._state = _HEAD
             self._head = HeadMeter()
             self._arm(self.limits.header_timeout)
+        if self._state == _QUEUED or self._feeding:
+            # Body or next requests: which one is known once aiohttp hands the head on (and, once
+            # known, the bytes go to aiohttp in the order they came).
+            self._pending.append(data)
+            return
         if self._state == _HEAD:
             try:
-                if self._head.feed(data) is not None:
-                    self._state = _QUEUED  # in time: aiohttp hands the head on in a moment
-                    self._disarm()
+                end = self._head.feed(data)
             except HeadTooLarge:
                 self._refuse_head()
                 return
+            if end is not None:
+                self._state = _QUEUED  # in time: aiohttp hands the head on in a moment
+                self._disarm()
+                if end < len(data):
+                    self._pending.append(data[end:])
+                    data = data[:end]
         self._got_bytes = self._got_bytes or bool(data)
         self.inner.data_received(data)
+
+    def _feed(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.data_received(data)
+
+    def _feed_pending(self) -> None:
+        self._feeding = False
+        pending, self._pending = b"".join(self._pending), []
+        self._feed(pending)
 
     def _hold(self, data: bytes) -> None:
         """Keep the next request's bytes until this one is answered, so aiohttp parses (and holds)
@@ -211,8 +238,8 @@ class GuardedConnection(asyncio.Protocol):
 
     def _release_held(self) -> None:
         held, self._held = b"".join(self._held), []
-        if held and self.transport is not None and not self.transport.is_closing():
-            self.data_received(held)
+        if held:
+            self._feed(held)
 
     def eof_received(self) -> bool | None:
         if self.inner is None:
@@ -248,6 +275,18 @@ class GuardedConnection(asyncio.Protocol):
         self._state = _BUSY
         self._payload = payload
         self._disarm()
+        if not self._pending:
+            return
+        if payload.is_eof():
+            # No body: what followed the head is the next request.
+            pending, self._pending = self._pending, []
+            for chunk in pending:
+                self._hold(chunk)
+        else:
+            # Body bytes: to aiohttp once this call (made from within aiohttp) has returned, and
+            # whatever arrives until then after them.
+            self._feeding = True
+            self._loop.call_soon(self._feed_pending)
 
     def request_finished(self, body_read: bool) -> None:
         """Back to idle keep-alive (aiohttp's keep-alive timeout governs), until the next byte.

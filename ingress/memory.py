@@ -12,8 +12,8 @@ hold falls in one of these terms, each capped by a setting or a constant:
 - every open connection (``RELAY_INGRESS_MAX_CONNECTIONS`` on the webhook port,
   ``OPS_MAX_CONNECTIONS`` on the operations port): a head of at most ``MAX_HEAD_BYTES``, at most
   ``MAX_PIPELINED_BYTES`` sent ahead, aiohttp's read buffers, at most ``TOKEN_BODY_LIMIT`` of a
-  token request: measured at ≤ 140 KiB under the worst shapes found, counted as
-  ``PER_CONNECTION_BYTES``;
+  token request, and what one read (256 KiB) can bring in with the end of a body: measured at
+  ≤ 140 KiB under the worst shapes found, counted as ``PER_CONNECTION_BYTES``;
 - the process itself (interpreter, libraries, producer, allocator slack): ``FIXED_BYTES``.
 """
 

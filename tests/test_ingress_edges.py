@@ -26,10 +26,11 @@ from aiohttp import web
 
 from audience_relay import logs
 from audience_relay.auth import Authenticator
+from audience_relay.kafkautil import read_topic
 from audience_relay.keys import KeysFileError
 from audience_relay.logs import JsonFormatter
 from audience_relay.settings import Settings
-from audience_relay.topics import create_topics
+from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import LocalKafka, free_port
 from devtools.processes import Component
 from devtools.wait import until, until_async
@@ -588,7 +589,7 @@ async def test_the_operations_port_serves_kept_alive_requests_past_the_head_dead
     assert set(statuses) == {200}, statuses
 
 
-async def test_a_request_in_progress_on_the_operations_port_is_not_cut_by_the_head_deadline(
+async def test_a_request_in_progress_is_not_cut_by_the_head_deadline_nor_buried_under_pipelining(
     local_kafka: LocalKafka,
 ) -> None:
     settings = hardened(local_kafka.bootstrap, ingress_header_timeout_seconds=0.5)
@@ -605,10 +606,48 @@ async def test_a_request_in_progress_on_the_operations_port_is_not_cut_by_the_he
             answer = await answer_of(reader, fail_after=20)
             took = time.monotonic() - started
             writer.close()
+            # Requests sent ahead of the answer wait unparsed; more than 64 KiB of them is cut.
+            ahead = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 1000 + b"\r\n\r\n"
+            cut = await exchange(
+                ingress.ops_site.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n" + ahead * 80
+            )
         finally:
             os.kill(pid, signal.SIGCONT)
+        await until(lambda: ingress.limits.open == 0, 30, "the connections to be released")
     assert took > 0.5  # the head deadline passed while the request was being served...
     assert status_of(answer) == 503, answer  # ...and the answer is the handler's, not a 408
+    assert cut == b"", cut  # cut before it was answered: nothing of the 80 requests was served
+
+
+async def test_pipelined_requests_are_served_one_at_a_time_in_order(kafka_bootstrap: str) -> None:
+    settings = hardened(kafka_bootstrap, oauth_clients={"lytics": "client-secret"})
+    await create_topics(settings)
+    async with serving(settings) as ingress:
+        form = b"grant_type=client_credentials&client_id=lytics&client_secret=client-secret"
+        token = (
+            b"POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            + f"Content-Length: {len(form)}\r\n\r\n".encode()
+            + form
+        )
+        health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answers = await exchange(ingress.site.port, health + token + health + token + last)
+        # A 4 MiB body sent with its head arrives over many reads, some before aiohttp has the head:
+        # its bytes reach the handler, and Kafka, in order.
+        body = b'{"data": {"pad": "' + b"a" * (4 * MiB) + b'"}}'
+        big = await exchange(
+            ingress.site.port,
+            b"POST /v1/lytics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            + KEY_HEADER
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body,
+        )
+    statuses = [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)]
+    assert statuses == [200] * 5, answers
+    assert answers.count(b'"access_token"') == 2 and answers.count(b'"status":"alive"') == 3
+    assert status_of(big) == 200, big
+    [stored] = await read_topic(kafka_bootstrap, TopicNames.from_settings(settings).raw)
+    assert stored.value == body
 
 
 # --- --insecure never opens an ingress that has a keys file ------------------------------------------
