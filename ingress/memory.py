@@ -13,7 +13,9 @@ hold falls in one of these terms, each capped by a setting or a constant:
   ``OPS_MAX_CONNECTIONS`` on the operations port): a head of at most ``MAX_HEAD_BYTES``, at most
   ``MAX_PIPELINED_BYTES`` sent ahead, aiohttp's read buffers, at most ``TOKEN_BODY_LIMIT`` of a
   token request, and what one read (256 KiB) can bring in with the end of a body: measured at
-  ≤ 140 KiB under the worst shapes found, counted as ``PER_CONNECTION_BYTES``;
+  ≤ 190 KiB under the worst shapes found, counted as ``PER_CONNECTION_BYTES``; with the ingress
+  serving TLS itself, asyncio's TLS layer adds its own read buffers (≤ 600 KiB measured per
+  connection in all, counted as ``PER_TLS_CONNECTION_BYTES``);
 - the process itself (interpreter, libraries, producer, allocator slack): ``FIXED_BYTES``.
 """
 
@@ -29,20 +31,22 @@ FIXED_BYTES = 96 * MiB
 INFLIGHT_FACTOR = 3
 #: The one body being checked: its join and its JSON's Python objects (29x measured, worst shape).
 CHECK_FACTOR = 32
-#: One open connection (140 KiB measured: a big partial head, pipelined requests, an unread body).
+#: One open connection (190 KiB measured: a big partial head, pipelined requests, an unread body).
 PER_CONNECTION_BYTES = 256 * 1024
+#: One open TLS connection on the webhook port (591 KiB measured: an unread body over TLS).
+PER_TLS_CONNECTION_BYTES = 768 * 1024
 #: Connections the operations port (probes, scrapes) accepts, apart from webhook clients.
 OPS_MAX_CONNECTIONS = 64
 
 
 def memory_bound(settings: Settings) -> int:
     """The most resident memory (bytes) an ingress with ``settings`` reaches, whatever clients send."""
-    connections = settings.ingress_max_connections
-    if settings.ingress_metrics_port != settings.ingress_port:
-        connections += OPS_MAX_CONNECTIONS
+    webhook = PER_TLS_CONNECTION_BYTES if settings.ingress_tls_cert_file else PER_CONNECTION_BYTES
+    ops = OPS_MAX_CONNECTIONS if settings.ingress_metrics_port != settings.ingress_port else 0
     return (
         FIXED_BYTES
         + INFLIGHT_FACTOR * settings.max_inflight_bytes
         + CHECK_FACTOR * settings.max_body_bytes
-        + PER_CONNECTION_BYTES * connections
+        + webhook * settings.ingress_max_connections
+        + PER_CONNECTION_BYTES * ops
     )

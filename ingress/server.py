@@ -144,7 +144,7 @@ async def serve(settings: Settings, *, insecure: bool = False) -> None:
     """Run the ingress until SIGTERM/SIGINT; SIGHUP reloads credentials and certificate."""
     try:
         app = build_app(settings, insecure=insecure)
-    except KeysFileError as exc:
+    except (KeysFileError, ValueError) as exc:  # unusable credentials, or limits that contradict
         raise SystemExit(f"refusing to start: {exc}") from None
     auth = app[AUTH]
     credentials = auth.credentials
@@ -192,6 +192,5 @@ async def serve(settings: Settings, *, insecure: bool = False) -> None:
 
 
 def run_server(settings: Settings, *, insecure: bool = False) -> None:
-    """``audience-relay ingress``."""
-    signals.defer_hangup()
+    """``audience-relay ingress`` (``audience_relay.cli`` defers SIGHUP from the start)."""
     asyncio.run(serve(settings, insecure=insecure))

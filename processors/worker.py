@@ -24,7 +24,6 @@ from pathlib import Path
 import faust
 from aiokafka.errors import KafkaError
 
-from audience_relay import signals
 from audience_relay.settings import Settings
 from audience_relay.topics import create_topics
 from processors.app import app_id, create_app
@@ -90,7 +89,6 @@ def check_partitions(settings: Settings) -> None:
 
 def run_worker(settings: Settings) -> None:
     """Run one processors worker; several workers share the partitions through the consumer group."""
-    signals.defer_hangup()  # until the query routes take SIGHUP over (processors.queries)
     data_dir = settings.worker_data_dir / app_id(settings)
     check_partitions(settings)
     prepare_data_dir(data_dir, settings.partitions)

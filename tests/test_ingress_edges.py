@@ -34,7 +34,7 @@ from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import LocalKafka, free_port
 from devtools.processes import Component
 from devtools.wait import until, until_async
-from ingress.app import AUTH, BUDGET, TOKEN_BODY_LIMIT, build_app
+from ingress.app import AUTH, BUDGET, TOKEN_BODY_LIMIT, build_app, run
 from ingress.memory import INFLIGHT_FACTOR, PER_CONNECTION_BYTES, memory_bound
 from ingress.server import reload_secrets, start_listeners
 from tests.conftest import make_settings
@@ -390,6 +390,8 @@ def test_a_body_limit_over_the_inflight_budget_is_refused() -> None:
         ValueError, match=r"RELAY_MAX_BODY_BYTES \(2097152\) is over RELAY_MAX_INFLIGHT_BYTES"
     ):
         build_app(settings)
+    with pytest.raises(SystemExit, match="refusing to start: RELAY_MAX_BODY_BYTES"):
+        run(settings)
 
 
 # --- 13. no secret reaches a log line or an answer, whatever bytes arrive ---------------------------
