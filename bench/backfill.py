@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from audience_relay.kafkautil import topic_size
+from audience_relay.names import SINKS
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import IngressProcess, arguments, bench_settings, broker, http_post_loop
@@ -146,7 +147,7 @@ async def main() -> None:
         ]
         procs += [
             spawn(settings, ["sink", s], work / f"sink-{s}.log", RELAY_SINK_WEB_PORT=str(free_port()))
-            for s in ("pushly", "odp", "analytics")
+            for s in SINKS
         ]
         ingress = IngressProcess(bootstrap, settings.topic_prefix, KEY)
         bodies = batches(args.users, args.audiences, args.batch)

@@ -162,7 +162,8 @@ class GuardedConnection(asyncio.Protocol):
         self._held: list[bytes] = []
         #: Bytes that came after a complete head, before aiohttp handed it on: body or next request.
         self._pending: list[bytes] = []
-        self._feeding = False
+        self._feeding = False  # pending body bytes are on their way to aiohttp
+        self._releasing = False  # held requests are on their way to aiohttp
         self._timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -188,6 +189,9 @@ class GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.inner is None or self._state == _CUT:
             return  # being refused: read and drop, so closing does not reset the connection
+        if self._releasing:
+            self._hold(data)  # after the bytes held before it, in the order they came
+            return
         if self._state in (_BUSY, _DRAIN) and self._payload is not None and self._payload.is_eof():
             if self._state == _BUSY:
                 self._hold(data)
@@ -237,6 +241,7 @@ class GuardedConnection(asyncio.Protocol):
             self._close()
 
     def _release_held(self) -> None:
+        self._releasing = False
         held, self._held = b"".join(self._held), []
         if held:
             self._feed(held)
@@ -268,7 +273,7 @@ class GuardedConnection(asyncio.Protocol):
         if self.inner is not None:
             self.inner.resume_writing()
 
-    # --- called by the middleware ---------------------------------------------------------------
+    # --- called by the site's request hooks ------------------------------------------------------
 
     def request_started(self, payload: Any) -> None:
         """A head is complete and handed on to be served: the head deadline no longer applies."""
@@ -299,6 +304,7 @@ class GuardedConnection(asyncio.Protocol):
             self._state = _IDLE
             self._payload = None
             if self._held:
+                self._releasing = True
                 self._loop.call_soon(self._release_held)
         else:
             self._state = _DRAIN

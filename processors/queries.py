@@ -48,7 +48,6 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
@@ -56,6 +55,7 @@ from yarl import URL
 
 from audience_relay import signals
 from audience_relay.auth import DEFAULT_SOURCE, Authenticator
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
 from processors.membership import ENTER_US, MEMBER, SLUG, T_US, Value, from_us
 from processors.split import normalize_identifier
@@ -77,12 +77,6 @@ QUERY_SECONDS = Histogram(
 
 
 # --- pure pieces ------------------------------------------------------------------------------
-
-
-def partition_for(identifier: str, partitions: int) -> int:
-    """The table partition of an identifier: the Kafka default partitioner on its UTF-8 bytes."""
-    hashed: int = murmur2(identifier.encode())
-    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def current_audiences(value: Value | None) -> list[str]:

@@ -8,6 +8,9 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from audience_relay import kafka
+from audience_relay.exits import ExitCode, Fatal
+from audience_relay.names import SINKS
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks.base import Change, Delivered, Destination, Result, RetryAfter, lytics_record
@@ -17,7 +20,7 @@ from sinks.http import HttpDestination
 def pushly(settings: Settings) -> Destination:
     """Pushly: the Lytics default format with ``X-API-KEY`` (one user per request unless batched)."""
     if not settings.pushly_webhook_url or settings.pushly_api_key is None:
-        raise SystemExit("the pushly sink needs PUSHLY_WEBHOOK_URL and PUSHLY_API_KEY")
+        raise Fatal("the pushly sink needs PUSHLY_WEBHOOK_URL and PUSHLY_API_KEY", ExitCode.CONFIG)
     field = settings.match_field
 
     def body(batch: list[Change]) -> Any:
@@ -37,7 +40,7 @@ def pushly(settings: Settings) -> Destination:
 def odp(settings: Settings) -> Destination:
     """ODP: arrays in the Lytics default format, identifier under ``ODP_IDENTIFIER_FIELD``."""
     if not settings.odp_webhook_url or settings.odp_auth_token is None:
-        raise SystemExit("the odp sink needs ODP_WEBHOOK_URL and ODP_AUTH_TOKEN")
+        raise Fatal("the odp sink needs ODP_WEBHOOK_URL and ODP_AUTH_TOKEN", ExitCode.CONFIG)
     field = settings.odp_identifier_field
     return HttpDestination(
         "odp",
@@ -85,11 +88,8 @@ class AnalyticsTopic:
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._settings.kafka_bootstrap_servers,
-            enable_idempotence=True,
-            linger_ms=5,
-            client_id="audience-relay-sink-analytics",
+        self._producer = kafka.producer(
+            self._settings, linger_ms=5, client_id="audience-relay-sink-analytics"
         )
         await self._producer.start()
 
@@ -132,4 +132,4 @@ def build(name: str, settings: Settings) -> tuple[Destination, int, float, int]:
         return odp(settings), settings.odp_batch_size, settings.odp_flush_seconds, settings.odp_concurrency
     if name == "analytics":
         return AnalyticsTopic(settings), 500, 0.2, 8
-    raise SystemExit(f"unknown sink {name!r}: pushly, odp or analytics")
+    raise Fatal(f"unknown sink {name!r}: one of {', '.join(SINKS)}", ExitCode.USAGE)

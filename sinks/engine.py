@@ -31,6 +31,8 @@ from aiokafka import (
 )
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
+from audience_relay import kafka
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks import metrics
@@ -47,7 +49,7 @@ def backoff(attempt: int, cap: float, base: float = 0.2, rng: random.Random | No
 
 def group_id(settings: Settings, destination: str) -> str:
     """The consumer group of the sink ``destination``."""
-    return f"{settings.topic_prefix}.sink.{destination}"
+    return GroupNames.from_settings(settings).sink(destination)
 
 
 def correlation(changes: list[dict[str, Any]], limit: int = 20) -> dict[str, Any]:
@@ -107,17 +109,14 @@ class SinkEngine:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set; then finish in-flight batches and commit them."""
         s = self.settings
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
+        self._consumer = kafka.consumer(
+            s,
             group_id=group_id(s, self.name),
             client_id=f"audience-relay-sink-{self.name}",
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=max(500, self.batch_size),
         )
-        self._dead_letters = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap_servers, enable_idempotence=True
-        )
+        self._dead_letters = kafka.producer(s, client_id=f"audience-relay-sink-{self.name}")
         await self.destination.start()
         await self._dead_letters.start()
         await self._consumer.start()

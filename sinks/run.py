@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 
 import orjson
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tqdm import tqdm
 
-from audience_relay import signals
+from audience_relay import kafka, ports, signals
 from audience_relay.kafkautil import end_offsets
 from audience_relay.lag import LagMonitor
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks.base import Delivered, GiveUp
 from sinks.destinations import build
 from sinks.engine import SinkEngine, backoff, group_id
+
+log = logging.getLogger("sinks")
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -84,6 +88,18 @@ def web_app(engine: SinkEngine) -> web.Application:
     return app
 
 
+def sink_web_port(settings: Settings, name: str) -> int:
+    """The port the sink ``name`` serves on: ``RELAY_SINK_WEB_PORT``, else the sink's own default
+    (``names.SINK_WEB_PORTS``), else, when that is taken by another process, a free one (logged)."""
+    return ports.web_port(
+        settings.worker_web_host,
+        settings.sink_port(name),
+        setting="RELAY_SINK_WEB_PORT",
+        host_setting="RELAY_WORKER_WEB_HOST",
+        fallback=settings.sink_web_port is None,
+    )
+
+
 def run_sink(settings: Settings, name: str) -> None:
     """Run one sink until SIGTERM/SIGINT (in-flight batches finish and are committed)."""
 
@@ -94,10 +110,14 @@ def run_sink(settings: Settings, name: str) -> None:
         engine = build_engine(settings, name)
         runner = web.AppRunner(web_app(engine), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, settings.worker_web_host, settings.sink_web_port).start()
+        port = sink_web_port(settings, name)
+        await web.TCPSite(runner, settings.worker_web_host, port).start()
+        log.info(
+            "sink web server listening", extra={"sink": name, "host": settings.worker_web_host, "port": port}
+        )
         topics = TopicNames.from_settings(settings)
         lag = LagMonitor(
-            settings.kafka_bootstrap_servers,
+            settings,
             group_id(settings, name),
             [topics.membership_changes],
             settings.lag_interval_seconds,
@@ -122,13 +142,13 @@ async def replay_dead_letters(settings: Settings, name: str, *, progress: bool =
     """
     topics = TopicNames.from_settings(settings)
     destination, _, _, _ = build(name, settings)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=f"{settings.topic_prefix}.dead-letter-replay.{name}",
-        enable_auto_commit=False,
+    consumer = kafka.consumer(
+        settings,
+        group_id=GroupNames.from_settings(settings).replay(name),
+        client_id=f"audience-relay-replay-{name}",
         auto_offset_reset="earliest",
     )
-    ends = await end_offsets(settings.kafka_bootstrap_servers, topics.dead_letter)
+    ends = await end_offsets(settings, topics.dead_letter)
     parts = [TopicPartition(topics.dead_letter, p) for p in ends]
     await consumer.start()
     await destination.start()

@@ -183,12 +183,12 @@ async def test_document_is_served_with_credentials(ingress: RunningIngress) -> N
     ids=["multipart-without-boundary", "over-the-size-limit", "wrong-grant"],
 )
 async def test_token_endpoint_answers_unreadable_bodies_with_json(
-    body: bytes, content_type: str, status: int, error: str, kafka_bootstrap: str
+    body: bytes, content_type: str, status: int, error: str
 ) -> None:
     # Regression: a multipart body without a boundary was a 500, an oversized form a text/plain 413.
-    from tests.conftest import make_settings, start_ingress
+    from tests.conftest import NO_BROKER, make_settings, start_ingress
 
-    running = await start_ingress(make_settings(kafka_bootstrap, max_body_bytes=4096), wait_connected=False)
+    running = await start_ingress(make_settings(NO_BROKER, max_body_bytes=4096), wait_connected=False)
     try:
         headers = {"Content-Type": content_type}
         async with (
