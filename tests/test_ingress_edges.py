@@ -32,7 +32,7 @@ from audience_relay.logs import JsonFormatter
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import LocalKafka, free_port
-from devtools.processes import Component
+from devtools.processes import Component, start_worker
 from devtools.wait import until, until_async
 from ingress.app import AUTH, BUDGET, TOKEN_BODY_LIMIT, build_app, run
 from ingress.memory import INFLIGHT_FACTOR, PER_CONNECTION_BYTES, memory_bound
@@ -571,6 +571,25 @@ def test_a_client_id_twice_in_the_environment_is_refused_at_start() -> None:
         Authenticator(settings)
 
 
+async def test_a_worker_refuses_a_client_id_twice_with_exit_78(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """The worker's query routes load the same credentials: the same refusal, a clear line, 78."""
+    settings = make_settings(
+        kafka_bootstrap,
+        oauth_clients={"lytics": "client-sekrit-1"},
+        sources={"crm": {"oauth_clients": {"lytics": "client-sekrit-2"}}},
+    )
+    await create_topics(settings)
+    worker = start_worker(settings, tmp_path)
+    try:
+        code = await asyncio.to_thread(worker.proc.wait, 120)
+    finally:
+        worker.stop()
+    text = worker.log.read_text()
+    assert code == 78, text[-3000:]
+    assert "error: the OAuth client id 'lytics' is configured twice in the environment" in text
+    assert "client-sekrit" not in text
+
+
 # --- 16. the operations port never answers a request it is serving with a 408 ----------------------
 
 
@@ -674,8 +693,8 @@ async def test_insecure_with_an_empty_keys_file_refuses_to_start(
     finally:
         ingress.stop()
     text = ingress.log.read_text()
-    assert code != 0, text
-    assert "refusing to start" in text and "leaves no credential at all" in text
+    assert code == 78, text  # EX_CONFIG: a person must change the keys file
+    assert "error: refusing to start" in text and "leaves no credential at all" in text
 
 
 async def test_a_reload_never_switches_an_insecure_ingress_to_accepting_anyone(
