@@ -21,12 +21,16 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from audience_relay import logs
+from audience_relay import logs, signals
 from audience_relay.exits import ExitCode, Fatal
+from audience_relay.keys import KeysFileError
 from audience_relay.names import SINKS, Names
 from audience_relay.settings import LocalSettings, Settings
 
 log = logging.getLogger("audience_relay")
+
+#: The commands that run until stopped: SIGHUP must never kill them (README "Signals").
+LONG_RUNNING = frozenset({"ingress", "worker", "sink", "up"})
 
 S = TypeVar("S", bound=LocalSettings)
 
@@ -301,6 +305,10 @@ def _os_failure(exc: OSError) -> Fatal:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``audience-relay`` command."""
     args = build_parser().parse_args(argv)  # exits 2 on a usage error
+    if args.command in LONG_RUNNING:
+        # Before the slow imports and start-up: a SIGHUP now is answered once the command can
+        # reload, instead of killing it (audience_relay.signals).
+        signals.defer_hangup()
     func: Callable[[argparse.Namespace, object], int] = args.func
     try:
         settings = load_settings(args.settings) if args.settings is not None else None
@@ -311,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(func(args, settings))
     except Fatal as exc:
         failure = exc
+    except KeysFileError as exc:  # credentials that cannot be used (the message holds no secret)
+        failure = Fatal(str(exc), ExitCode.CONFIG)
     except KafkaConnectionError as exc:
         failure = Fatal(f"lost the connection to Kafka ({exc}): is the cluster up?", ExitCode.UNAVAILABLE)
     except OSError as exc:

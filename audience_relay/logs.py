@@ -14,6 +14,13 @@ were left out) and ``repeated_since`` (when the first of those was). So a loop t
 times a second while the broker is away (aiokafka's ``Unable connect to node …``) costs one line per
 interval, not a thousand; info and debug lines are never folded (they name one request or batch).
 
+A library line can quote what a client sent: aiohttp's server logs a request it cannot parse with
+the parser's message, which quotes the raw line — a header with a key in it and a bare LF or a NUL,
+say. ``scrub_library_loggers`` (part of ``configure``) keeps such a line's event and the error's
+type and drops the quoted bytes, on every component's aiohttp server (the ingress answers those
+requests itself, ``ingress.guard.OwnAnswers``; a worker's query port and a sink's port are
+aiohttp's own). No secret reaches a log line, whatever bytes arrive.
+
 Correlation fields: ``request_id`` (the ingress's, or the client's ``X-Request-Id``) travels in the
 raw record's headers into the split agent's lines and dead letters, and inside every segment event
 and membership change; ``change_ids`` name the changes a sink line is about.
@@ -31,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
@@ -129,6 +137,30 @@ def _iso(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
 
 
+class _NoRequestBytes(logging.Filter):
+    """Keeps a parser error's type and drops its message (the raw request line it quotes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "malformed HTTP request refused"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.error_type = type(exc).__name__
+        return True
+
+
+_SCRUB = _NoRequestBytes()
+
+
+def scrub_library_loggers() -> None:
+    """Keep the raw request bytes aiohttp's parser errors quote out of the log (idempotent)."""
+    server = logging.getLogger("aiohttp.server")
+    if _SCRUB not in server.filters:
+        server.addFilter(_SCRUB)
+
+
 def configure(level: str = "INFO", repeat_seconds: float = 30.0) -> None:
     """Send every logger's output, as JSON lines, to stderr at ``level``, repeats folded."""
     handler = logging.StreamHandler(sys.stderr)
@@ -148,6 +180,7 @@ def configure(level: str = "INFO", repeat_seconds: float = 30.0) -> None:
     # aiokafka logs every failed reconnect at ERROR; our own lines say what it means for a request.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, numeric))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    scrub_library_loggers()
     # Python warnings and uncaught exceptions become JSON lines too, not bare tracebacks.
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught

@@ -27,6 +27,8 @@ class Component:
 
     def __init__(self, settings: Settings, args: list[str], log: Path, **overrides: str) -> None:
         env = {**os.environ, **settings.to_env(), **overrides}
+        #: The environment it runs with (e.g. the web port ``start_worker`` chose).
+        self.env = env
         self.log = log
         self._fh = log.open("ab")
         self.proc = subprocess.Popen(

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
+from audience_relay import signals
 from audience_relay.kafkautil import end_offsets, group_lag, read_topic, topic_size
 from audience_relay.names import SINKS, GroupNames
 from audience_relay.preflight import run_preflight
@@ -204,7 +204,7 @@ async def _serve(
     receivers: list[LocalReceiver],
 ) -> int:
     from ingress.app import PUBLISHER
-    from ingress.server import start_listeners
+    from ingress.server import reload_secrets, start_listeners
 
     listeners = await start_listeners(app, settings)
     try:
@@ -234,10 +234,14 @@ async def _serve(
         if keep_running:
             print("serving; press Ctrl-C to stop")
             stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+            remove_handlers = signals.install(
+                asyncio.get_running_loop(),
+                "up",
+                stop=stop.set,
+                reload=lambda: reload_secrets(listeners, settings),
+            )
             await stop.wait()
+            remove_handlers()
     finally:
         await listeners.close()
     return 0

@@ -45,6 +45,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 from yarl import URL
 
+from audience_relay import signals
 from audience_relay.auth import DEFAULT_SOURCE, Authenticator
 from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
@@ -368,6 +369,12 @@ def register_queries(app: Any, processors: Processors, settings: Settings) -> Qu
     for method, path, handler in service.routes():
         web_app.router.add_route(method, path, handler)
     web_app.on_cleanup.append(service.close)
+
+    async def reload_on_hangup(_: web.Application) -> None:
+        # SIGHUP re-reads RELAY_INGRESS_KEYS_FILE, like the ingress (README "Signals").
+        signals.install(asyncio.get_running_loop(), "worker", reload=service.auth.try_reload)
+
+    web_app.on_startup.append(reload_on_hangup)
     if settings.oauth_clients and settings.oauth_signing_key is None:
         log.warning(
             "RELAY_OAUTH_SIGNING_KEY is not set: bearer tokens from the ingress are not accepted by "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import signal
 
 import orjson
 from aiohttp import web
@@ -13,7 +12,7 @@ from aiokafka import TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tqdm import tqdm
 
-from audience_relay import kafka, ports
+from audience_relay import kafka, ports, signals
 from audience_relay.kafkautil import end_offsets
 from audience_relay.lag import LagMonitor
 from audience_relay.names import GroupNames
@@ -106,9 +105,8 @@ def run_sink(settings: Settings, name: str) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: nothing to reload (logged); SIGTERM/SIGINT: stop (README "Signals").
+        remove_handlers = signals.install(asyncio.get_running_loop(), f"sink {name}", stop=stop.set)
         engine = build_engine(settings, name)
         runner = web.AppRunner(web_app(engine), access_log=None)
         await runner.setup()
@@ -131,6 +129,7 @@ def run_sink(settings: Settings, name: str) -> None:
             stop.set()
             await lag_task
             await runner.cleanup()
+            remove_handlers()
 
     asyncio.run(main())
 

@@ -194,7 +194,7 @@ async def test_compressed_bodies_are_refused(encoding: str, ingress: RunningIngr
 
 
 async def test_too_many_bytes_in_flight_answers_429_with_retry_after(kafka_bootstrap: str) -> None:
-    settings = make_settings(kafka_bootstrap, max_inflight_bytes=2048)
+    settings = make_settings(kafka_bootstrap, max_inflight_bytes=2048, max_body_bytes=2048)
     await create_topics(settings)
     running = await start_ingress(settings)
     release = asyncio.Event()

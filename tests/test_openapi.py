@@ -111,9 +111,10 @@ def statuses_in_code(handler: str) -> set[int]:
 
 
 def middleware_statuses() -> set[int]:
-    """Statuses answered by middlewares the application installs (they apply in front of routes)."""
+    """Statuses answered in front of the routes: by the middlewares the application installs, and by
+    the listener's request hook (``ingress.guard._bounds_bodies``: the body deadline)."""
     functions = _module_functions()
-    names: set[str] = set()
+    names: set[str] = {"_bounds_bodies"}
     for node in ast.walk(functions["build_app"]):
         if isinstance(node, ast.keyword) and node.arg == "middlewares":
             names |= {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
