@@ -24,6 +24,7 @@ from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from audience_relay import kafka
+from audience_relay.exits import ExitCode
 from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, replica_configs
@@ -35,8 +36,9 @@ from processors.state import StateStore
 
 log = logging.getLogger("processors")
 
-#: Exit code when an output could not be written (EX_SOFTWARE): the restart replays from the commit.
-EXIT_OUTPUT_FAILED = 70
+#: Exit code when a stage failed, e.g. an output could not be written (EX_SOFTWARE): the restart
+#: replays from the last commit.
+EXIT_STAGE_FAILED = int(ExitCode.SOFTWARE)
 
 
 def _rocksdb_options(settings: Settings) -> dict[str, int]:
@@ -139,7 +141,9 @@ class Processors:
             self._pending = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run both stages until ``stop``; a failed output write stops the process."""
+        """Run both stages until ``stop``. A stage that fails stops the process at once (exit 70):
+        its batch was not committed, so a restart replays it; a worker that stayed up without its
+        stages would look healthy and process nothing."""
         assert self.split is not None and self.membership is not None
         try:
             await asyncio.gather(self.split.run(stop), self.membership.run(stop))
@@ -147,8 +151,12 @@ class Processors:
             log.critical(
                 "an output write failed; stopping before any offset moves past it", extra={"error": str(exc)}
             )
-            logging.shutdown()
-            os._exit(EXIT_OUTPUT_FAILED)
+        except Exception:
+            log.critical("a processing stage failed; stopping before any offset moves past it", exc_info=True)
+        else:
+            return
+        logging.shutdown()
+        os._exit(EXIT_STAGE_FAILED)
 
     async def close(self) -> None:
         for client in reversed(self._clients):
