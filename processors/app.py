@@ -20,7 +20,6 @@ import os
 from typing import Any
 
 import faust
-from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from audience_relay import kafka
@@ -70,6 +69,8 @@ class Processors:
         self.membership: MembershipStage | None = None
         self._clients: list[Any] = []
         self._pending: frozenset[int] | None = None
+        self._stop = asyncio.Event()
+        self._running: asyncio.Task[None] | None = None
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
         table.on_recover(self._on_recovered)
 
@@ -131,14 +132,26 @@ class Processors:
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect the stages' clients; start the partitions the first recovery gave this worker."""
+        """Connect the stages' clients and run them: the split at once (it holds no state), the
+        membership stage's partitions as faust's recovery hands them over."""
         split, membership = self._make_stages()
         for client in self._clients:
             await client.start()
         self.split, self.membership = split, membership
+        self._running = asyncio.create_task(self.run(self._stop), name="stages")
         if self._pending is not None:
             await membership.start_partitions(self._pending)
             self._pending = None
+
+    async def stop(self) -> None:
+        """Let each stage finish and commit its batches in progress, then close the clients."""
+        self._stop.set()
+        if self._running is not None:
+            await asyncio.wait([self._running], timeout=self.settings.worker_session_timeout_seconds)
+        if self.membership is not None:
+            await self.membership.stop_partitions()
+        for client in reversed(self._clients):
+            await client.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run both stages until ``stop``. A stage that fails stops the process at once (exit 70):
@@ -158,10 +171,6 @@ class Processors:
         logging.shutdown()
         os._exit(EXIT_STAGE_FAILED)
 
-    async def close(self) -> None:
-        for client in reversed(self._clients):
-            await client.stop()
-
     def running(self) -> bool:
         """True while both stages run and every active table partition is being processed."""
         return (
@@ -172,10 +181,30 @@ class Processors:
         )
 
 
-def create_app(settings: Settings) -> faust.App:
+class WorkerApp(flow.App):
+    """The processors' faust app: the stages start with it and stop before it.
+
+    They start when the app does, before faust's group and recovery: the split holds no state and
+    has its own group, so it is working while the table's partitions are still being assigned.
+    They stop first (mode's ``on_stop`` runs before the app's children stop), while the consumer and
+    the tables they use are still up.
+    """
+
+    processors: Processors
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        await self.processors.start()
+
+    async def on_stop(self) -> None:
+        await self.processors.stop()
+        await super().on_stop()
+
+
+def create_app(settings: Settings) -> WorkerApp:
     """The processors' faust app for ``settings`` (one per worker process)."""
     names = TopicNames.from_settings(settings)
-    app = flow.App(
+    app = WorkerApp(
         app_id(settings),
         # The brokers and their credentials (SASL/TLS) come from the one client factory.
         **kafka.faust_broker_settings(settings),
@@ -225,27 +254,7 @@ def create_app(settings: Settings) -> faust.App:
         # Only used should faust create the topic itself (topics create and the worker normally have).
         extra_topic_configs=replica_configs(settings),
     )
-    processors = Processors(settings, app, table)
-
-    @app.service
-    class Stages(Service):
-        """Starts the stages once faust has recovered its tables; stops them first on shutdown."""
-
-        stop_event: asyncio.Event
-        running: asyncio.Task[None]
-
-        async def on_start(self) -> None:
-            self.stop_event = asyncio.Event()
-            await processors.start()
-            self.running = asyncio.create_task(processors.run(self.stop_event), name="stages")
-
-        async def on_stop(self) -> None:
-            # Each stage finishes its batches in progress and commits them before the clients close.
-            self.stop_event.set()
-            await asyncio.wait([self.running], timeout=settings.worker_session_timeout_seconds)
-            if processors.membership is not None:
-                await processors.membership.stop_partitions()
-            await processors.close()
+    processors = app.processors = Processors(settings, app, table)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
@@ -253,5 +262,4 @@ def create_app(settings: Settings) -> faust.App:
 
     operations.install(app, settings, processors)
     register_queries(app, processors, settings)
-    app.conf.relay_processors = processors  # for tests and tools that need the stages from the app
     return app

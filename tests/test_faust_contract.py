@@ -52,7 +52,7 @@ def test_the_pinned_versions_are_installed() -> None:
 
 def _processors(tmp_path: Path, store: str = "rocksdb") -> object:
     app = create_app(make_settings("127.0.0.1:1", table_store=store, partitions=4, worker_data_dir=tmp_path))
-    return app.conf.relay_processors
+    return app.processors
 
 
 def _event(user: int, audience: int) -> dict[str, object]:

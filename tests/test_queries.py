@@ -84,7 +84,7 @@ def test_state_store_reads_what_it_applied_per_partition(store: str, tmp_path: P
     """Writes applied with their changelog offsets read back per partition and by identifier prefix."""
     settings = make_settings("127.0.0.1:1", table_store=store, partitions=4, worker_data_dir=tmp_path)
     app = create_app(settings)
-    processors = app.conf.relay_processors
+    processors = app.processors
     states, _ = fold([_event(1, 0, "enter", 1), _event(1, 1, "enter", 2), _event(2, 0, "enter", 3)])
     by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
     for key, value in states.items():
