@@ -47,9 +47,27 @@ def identifier_prefix(identifier: str) -> bytes:
     return f"{identifier}{SEPARATOR}".encode()
 
 
+#: Conversions are memoized: a batch repeats the same few times (a backfill sends one enter time for
+#: thousands of users), and parsing and formatting them is a good part of a membership batch's work.
+_TO_US: dict[str, int] = {}
+_FROM_US: dict[int, str] = {}
+_MEMO_MAX = 8192
+
+
 def to_us(value: datetime | str) -> int:
     """Exact microseconds since the epoch of an aware (or UTC-naive) datetime or RFC 3339 text."""
-    dt = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if isinstance(value, str):
+        us = _TO_US.get(value)
+        if us is None:
+            us = _datetime_us(datetime.fromisoformat(value))
+            if len(_TO_US) >= _MEMO_MAX:
+                _TO_US.clear()
+            _TO_US[value] = us
+        return us
+    return _datetime_us(value)
+
+
+def _datetime_us(dt: datetime) -> int:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return (dt - _EPOCH) // _MICROSECOND
@@ -59,7 +77,13 @@ def from_us(us: int | None) -> str | None:
     """RFC 3339 UTC text (``…Z``) for microseconds since the epoch."""
     if us is None:
         return None
-    return (_EPOCH + us * _MICROSECOND).isoformat().replace("+00:00", "Z")
+    text = _FROM_US.get(us)
+    if text is None:
+        text = (_EPOCH + us * _MICROSECOND).isoformat().replace("+00:00", "Z")
+        if len(_FROM_US) >= _MEMO_MAX:
+            _FROM_US.clear()
+        _FROM_US[us] = text
+    return text
 
 
 def _opt_us(text: str | None) -> int | None:

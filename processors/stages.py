@@ -421,7 +421,7 @@ class MembershipStage:
         before: dict[bytes, bool] = {}
         dirty: dict[bytes, None] = {}
         changes = Outbox(self.batches)
-        flips: list[str] = []
+        flips: dict[str, int] = {}
         for event, key in zip(events, keys, strict=True):
             if key is None:
                 self._reject_event(
@@ -451,7 +451,7 @@ class MembershipStage:
                     orjson.dumps(change),
                     [("change-id", change["change_id"].encode())],
                 )
-                flips.append(change["change"])
+                flips[change["change"]] = flips.get(change["change"], 0) + 1
         if len(dead):
             await dead.flush()
         # (1) changes acknowledged before (2) the states that record them.
@@ -469,8 +469,8 @@ class MembershipStage:
                 written = states[key]
                 assert written is not None  # only keys with a new state are dirty
                 self.counts.update(partition, written["audience_id"], before[key], bool(written["member"]))
-        for kind in flips:
-            metrics.CHANGES.labels(kind).inc()
+        for kind, count in flips.items():
+            metrics.CHANGES.labels(kind).inc(count)
         now = time.time()
         for record in records:
             if record.timestamp:
