@@ -136,9 +136,9 @@ class SplitStage:
             consumer,
             self.handle,
             name="split",
-            batch_records=64,
-            batch_bytes=4 * 1024 * 1024,
-            max_buffered_bytes=32 * 1024 * 1024,
+            batch_records=16,
+            batch_bytes=1024 * 1024,
+            max_buffered_bytes=16 * 1024 * 1024,
         )
         self.running = False
 

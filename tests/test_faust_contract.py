@@ -158,3 +158,13 @@ def test_revoked_receivers_are_awaited_before_the_rebalance_goes_on() -> None:
     # listener before the member rejoins), so a receiver that waits holds the rebalance.
     source = inspect.getsource(faust.App._on_partitions_revoked)
     assert "await T(self.on_partitions_revoked.send)(revoked)" in source
+
+
+def test_the_worker_can_ask_glibc_for_separate_mappings_of_large_buffers() -> None:
+    import platform
+
+    from processors.worker import return_large_buffers_to_the_os
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert return_large_buffers_to_the_os() is True
