@@ -469,6 +469,13 @@ async def test_a_running_ingress_answers_its_probes_and_scrape(
                     return False
 
             await until_async(ready, 60, "the ingress's readiness probe", interval=0.2)
+            ops = moved[_port(ingress.spec, ingress.spec["readinessProbe"]["httpGet"]["port"])]
+
+            async def storing() -> bool:  # /readyz: Kafka takes records (not the probe: see the manifest)
+                async with http.get(f"http://127.0.0.1:{ops}/readyz") as resp:
+                    return resp.status == 200
+
+            await until_async(storing, 60, "the ingress to reach Kafka", interval=0.2)
             get = ingress.spec["livenessProbe"]["httpGet"]
             async with http.get(
                 f"http://127.0.0.1:{moved[_port(ingress.spec, get['port'])]}{get['path']}"
