@@ -259,7 +259,9 @@ async def check_split_accounts_for_raw(settings: Settings, worker: Component) ->
     names = TopicNames.from_settings(settings)
     bootstrap = settings.kafka_bootstrap_servers
     events = Counter(
-        orjson.loads(r.value)["request_id"] for r in await read_topic(bootstrap, names.segment_events)
+        event["request_id"]
+        for r in await read_topic(bootstrap, names.segment_events)
+        for event in orjson.loads(r.value)["events"]
     )
     # Per raw record: each dead letter's (element index, reason code, bytes).
     dead: dict[tuple[int, int], list[tuple[int | None, str, bytes]]] = {}
