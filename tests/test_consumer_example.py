@@ -91,7 +91,7 @@ def test_membership_view_follows_a_key_across_a_partition_move_in_any_read_order
     view.partitions = 6
     view.apply(old, key, _state(ident, "aud-0", False, 1))
     assert view.members() == {}  # only the old partition read so far: its value stands
-    view.apply(new, key, _state(ident, "aud-0", True, 1))  # same time, decided by a later event
+    view.apply(new, key, _state(ident, "aud-0", True, 1))  # the home copy wins, whatever the times
     assert view.members() == {"aud-0": [ident]}
     # A tombstone removes a key from its own partition only.
     view.apply(old, key, None)
