@@ -48,6 +48,8 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 #: The OpenAPI document of every route below (tests keep the two in step).
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 
+#: A Lytics webhook job chooses its HTTP method (POST by default); a PUT body is stored like a POST.
+WEBHOOK_METHODS = ("POST", "PUT")
 
 #: The most the token endpoint reads: a client-credentials request is a few hundred bytes.
 TOKEN_BODY_LIMIT = 4096
@@ -116,7 +118,7 @@ def record_headers(
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
-    """``POST /v1/lytics[/{source}]``: store one Lytics webhook body in Kafka."""
+    """``POST|PUT /v1/lytics[/{source}]``: store one Lytics webhook body in Kafka."""
     started = time.perf_counter()
     source = request.match_info.get("source", DEFAULT_SOURCE)
     response = await _receive(request, source)
@@ -397,8 +399,9 @@ def build_app(
     app[PUBLISHER] = publisher or Publisher(settings)
     app[BUDGET] = InflightBudget(settings.max_inflight_bytes)
     app.cleanup_ctx.append(_publisher_ctx)
-    app.router.add_post("/v1/lytics", receive_webhook)
-    app.router.add_post("/v1/lytics/{source}", receive_webhook)
+    for method in WEBHOOK_METHODS:
+        app.router.add_route(method, "/v1/lytics", receive_webhook)
+        app.router.add_route(method, "/v1/lytics/{source}", receive_webhook)
     app.router.add_post("/oauth/token", issue_token)
     # No implicit HEAD routes: the routes are exactly those of ingress/openapi.yaml.
     app.router.add_get("/healthz", healthz, allow_head=False)

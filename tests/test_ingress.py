@@ -82,6 +82,38 @@ async def test_batches_and_cloudevents_batch_round_trip(
     assert sorted(r.value for r in records) == sorted([lytics_batch, ce_batch])
 
 
+@pytest.mark.parametrize("path", ["/v1/lytics", "/v1/lytics/default"])
+async def test_a_put_body_is_stored_like_a_post(
+    path: str, ingress: RunningIngress, kafka_settings: Settings, topics: TopicNames
+) -> None:
+    """A Lytics job may send with PUT: the same answers, and the same record in Kafka."""
+    body = (SAMPLES / "default-format-enter.json").read_bytes()
+    answers = {}
+    async with aiohttp.ClientSession() as http:
+        for method in ("POST", "PUT"):
+            headers = {**KEY, "Content-Type": "application/json", "X-Request-Id": f"req-{method}"}
+            async with http.request(method, ingress.url + path, data=body, headers=headers) as resp:
+                answers[method] = (resp.status, await resp.json())
+            async with http.request(method, ingress.url + path, data=b"{not json", headers=headers) as resp:
+                assert resp.status == 400 and (await resp.json())["error"] == "bad_body"
+            async with http.request(method, ingress.url + path, data=body) as resp:
+                assert resp.status == 401
+    assert answers == {m: (200, {"status": "stored", "request_id": f"req-{m}"}) for m in ("POST", "PUT")}
+    bootstrap = kafka_settings.kafka_bootstrap_servers
+    raw = await read_topic(bootstrap, topics.raw)
+    assert [r.value for r in raw] == [body, body]
+
+    def same_parts(record: object) -> dict[str, bytes]:
+        # Everything but the receipt time and the request id, which differ per request by design.
+        return {k: v for k, v in record.headers if k not in ("received-at", "request-id")}  # type: ignore[attr-defined]
+
+    assert same_parts(raw[0]) == same_parts(raw[1])
+    assert sorted(header(r, "request-id") for r in raw) == [b"req-POST", b"req-PUT"]
+    dead = await read_topic(bootstrap, topics.dead_letter)
+    assert [r.value for r in dead] == [b"{not json", b"{not json"]
+    assert same_parts(dead[0]) == same_parts(dead[1])
+
+
 @pytest.mark.parametrize(
     "headers, query",
     [

@@ -337,7 +337,7 @@ async def test_every_non_public_route_requires_credentials() -> None:
                 assert resp.status == 404 and (await resp.json())["error"] == "not_found"
             async with http.get(ingress.url + "/v1/lytics", headers=KEY) as resp:
                 assert resp.status == 405 and (await resp.json())["error"] == "method_not_allowed"
-                assert resp.headers["Allow"] == "POST"
+                assert resp.headers["Allow"] == "POST,PUT"
     assert checked >= 3
     print(f"{checked} non-public route/method pairs answered 401 without credentials")
 
