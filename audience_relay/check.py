@@ -105,7 +105,7 @@ def _check_topic(
     min_isr = int(config.get("min.insync.replicas", "1"))
     policy = config.get("cleanup.policy")
     problems = []
-    if len(partitions) != spec.partitions:
+    if len(partitions) != spec.partitions and spec.follows_partitions:
         problems.append(
             f"topic {spec.name} has {len(partitions)} partitions, RELAY_PARTITIONS={spec.partitions}: "
             "set RELAY_PARTITIONS to the topics' count, or move to it with `audience-relay partitions`"

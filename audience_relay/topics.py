@@ -32,6 +32,9 @@ class TopicSpec:
     name: str
     partitions: int
     config: dict[str, str] = field(default_factory=dict)
+    #: False for a topic whose partition count is its readers' business once created (the analytics
+    #: output, which ``partitions apply`` leaves as it is): a different count is no problem.
+    follows_partitions: bool = True
 
 
 def replica_configs(settings: Settings) -> dict[str, str]:
@@ -73,9 +76,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # also the membership table's changelog (recovery and standby copies read it).
         TopicSpec(names.membership, n, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
         TopicSpec(names.field_changes, n, {"cleanup.policy": "delete"}),
-        TopicSpec(names.analytics, n, {"cleanup.policy": "delete"}),
+        TopicSpec(names.analytics, n, {"cleanup.policy": "delete"}, follows_partitions=False),
     ]
-    return [TopicSpec(s.name, s.partitions, {**s.config, **replicas}) for s in specs]
+    return [
+        TopicSpec(s.name, s.partitions, {**s.config, **replicas}, s.follows_partitions) for s in specs
+    ]
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,9 @@ async def create_topics(settings: Settings) -> list[TopicResult]:
                 created = set()
         counts = await _described_counts(admin, [s.name for s in specs])
         results = [TopicResult(s.name, counts.get(s.name, 0), s.name in created) for s in specs]
+        follows = {s.name for s in specs if s.follows_partitions}
         for r in results:
-            if not r.created and r.partitions != settings.partitions:
+            if not r.created and r.name in follows and r.partitions != settings.partitions:
                 log.warning(
                     "topic has a different partition count than RELAY_PARTITIONS",
                     extra={"topic": r.name, "partitions": r.partitions, "wanted": settings.partitions},

@@ -257,10 +257,12 @@ def check(settings: Settings, topics: list[Topic], state: ClusterState, to: int)
                     f"{g.name} has {lag} raw webhooks to split: fine, they are split after the move"
                 )
             elif g.name == groups.membership and v.done:
-                v.notes.append(f"{g.name} has {lag} segment events to process: the workers do so on start")
+                v.notes.append(
+                    f"{g.name} has {lag} segment-events records to process: the workers do so on start"
+                )
             elif g.name == groups.membership:
                 v.notes.append(
-                    f"{g.name} has {lag} unprocessed segment events: apply moves those not on their "
+                    f"{g.name} has {lag} unprocessed segment-events records: apply moves those not on their "
                     "key's new partition there and commits their old offsets (a copy made twice by an "
                     "interrupted run is a duplicate event, which the membership table ignores)"
                 )
@@ -719,7 +721,7 @@ async def apply(settings: Settings, to: int, out: IO[str], progress: bool = True
     moved: dict[str, Moved] = {}
     events = await move_pending_events(settings, to, progress)
     if events:
-        print(f"unprocessed segment events moved to their new partitions: {events}", file=out)
+        print(f"unprocessed segment-events records moved to their new partitions: {events}", file=out)
     for topic in topics:
         if topic.role == "state":
             moved[topic.name] = await move_keys(settings, topic, to, progress)

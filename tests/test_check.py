@@ -21,7 +21,7 @@ from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import free_port
 from devtools.wait import until_async
-from tests.conftest import PROJECT, make_settings
+from tests.conftest import NO_BROKER, PROJECT, make_settings
 from tests.tls import Pem, make_ca, make_cert
 
 PUSHLY_KEY = "pushly-Secret-key-0123"
@@ -185,3 +185,21 @@ async def test_topics_create_applies_min_insync_replicas_and_check_sees_it(
     code, out = await run_check(plain)
     assert code == ExitCode.CHECK_FAILED
     assert out.count("has min.insync.replicas=2 above its 1 replica(s)") == 2 * len(results), out
+
+
+def test_the_analytics_topic_may_keep_another_partition_count() -> None:
+    """``partitions apply`` leaves the analytics output as its readers have it: check must agree."""
+    import io
+
+    from audience_relay.check import Report, _check_topic
+    from audience_relay.topics import topic_specs
+
+    settings = make_settings(NO_BROKER, partitions=12)
+    names = TopicNames.from_settings(settings)
+    specs = {s.name: s for s in topic_specs(settings)}
+    described = {"partitions": [{"replicas": [1]} for _ in range(4)]}
+    for name, problems in ((names.analytics, 0), (names.membership_changes, 1)):
+        report = Report(io.StringIO())
+        config = {"cleanup.policy": specs[name].config["cleanup.policy"]}
+        _check_topic(settings, specs[name], described, config, report)
+        assert len(report.problems) == problems, (name, report.problems)

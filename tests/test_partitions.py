@@ -101,7 +101,7 @@ def test_check_refusals_and_resume() -> None:
     verdict = parts.check(s, topics, _state(s, 4, groups=[busy, pending]), 12)
     assert len(verdict.errors) == 1 and "2 active member" in verdict.errors[0]
     assert "stop workers" in verdict.errors[0]
-    assert any("5 unprocessed segment events: apply moves those" in n for n in verdict.notes)
+    assert any("5 unprocessed segment-events records: apply moves those" in n for n in verdict.notes)
     assert any("9 raw webhooks to split" in n for n in verdict.notes)
     sink = parts.Group(f"{s.topic_prefix}.sink.odp", 0, {names.membership_changes: 3})
     assert "3 records behind" in parts.check(s, topics, _state(s, 4, groups=[sink]), 12).errors[0]
@@ -259,7 +259,7 @@ async def test_4_to_12_partitions_matches_a_fresh_12_partition_deployment(
 
         out = io.StringIO()
         assert await parts.apply(moved, 12, out, progress=False) == 0, out.getvalue()
-        assert "unprocessed segment events moved to their new partitions" in out.getvalue()
+        assert "unprocessed segment-events records moved to their new partitions" in out.getvalue()
         names_m, names_f = TopicNames.from_settings(moved), TopicNames.from_settings(fresh)
         changelog = names_m.membership
         await wait_changes(fresh, [w_fresh], IDENTIFIERS)
@@ -394,7 +394,7 @@ async def test_apply_refuses_bad_input_and_busy_groups(kafka_bootstrap: str, tmp
         await sink.stop()
     assert result.returncode == parts.EXIT_REFUSED
     assert f"{settings.topic_prefix}.sink.pushly has 1 active member(s)" in result.stdout
-    assert "1 unprocessed segment events: apply moves those" in result.stdout
+    assert "1 unprocessed segment-events records: apply moves those" in result.stdout
     assert f"{settings.topic_prefix}.sink.pushly is 1 records behind" in result.stdout
     after = await sizes(settings)
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}  # counts unchanged
@@ -490,7 +490,8 @@ async def test_unprocessed_segment_events_move_to_their_new_partitions(kafka_boo
 
     out = io.StringIO()
     assert await parts.apply(settings, 6, out, progress=False) == 0, out.getvalue()
-    assert f"unprocessed segment events moved to their new partitions: {len(unprocessed)}" in out.getvalue()
+    moved = f"unprocessed segment-events records moved to their new partitions: {len(unprocessed)}"
+    assert moved in out.getvalue()
     committed = await committed_offsets(kafka_bootstrap, group)
     since = {p: committed[TopicPartition(names.segment_events, p)] for p in range(3)}
     assert since == old_ends  # the old copies count as processed
