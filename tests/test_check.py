@@ -197,7 +197,7 @@ def test_the_analytics_topic_may_keep_another_partition_count() -> None:
     settings = make_settings(NO_BROKER, partitions=12)
     names = TopicNames.from_settings(settings)
     specs = {s.name: s for s in topic_specs(settings)}
-    described = {"partitions": [{"replicas": [1]} for _ in range(4)]}
+    described = {"partitions": [{"replicas": [1], "isr": [1]} for _ in range(4)]}
     for name, problems in ((names.analytics, 0), (names.membership_changes, 1)):
         report = Report(io.StringIO())
         config = {"cleanup.policy": specs[name].config["cleanup.policy"]}
