@@ -25,6 +25,7 @@ import faust
 from aiokafka.errors import KafkaError
 
 from audience_relay.exits import ExitCode
+from audience_relay.exits import ExitCode, Fatal
 from audience_relay.settings import Settings
 from audience_relay.topics import create_topics
 from processors.app import app_id, create_app
@@ -69,9 +70,13 @@ def check_partitions(settings: Settings) -> None:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     except KafkaError as exc:
-        # The broker may be away at start; faust waits for it, and still refuses a changelog whose
-        # partition count differs from the table's (PartitionsMismatch).
-        log.warning("could not check the topics' partition count", extra={"error": repr(exc)})
+        # The preflight reached the broker a moment ago; starting without these checks could place
+        # events by the wrong partition count, so this is a refusal (exit 69), not a warning.
+        raise Fatal(
+            f"Kafka at {settings.kafka_bootstrap_servers} stopped answering while the worker checked "
+            f"its topics ({type(exc).__name__}): is the cluster up?",
+            ExitCode.UNAVAILABLE,
+        ) from None
     finally:
         loop.close()
 
