@@ -24,7 +24,6 @@ from pathlib import Path
 import faust
 from aiokafka.errors import KafkaError
 
-from audience_relay.exits import ExitCode
 from audience_relay.exits import ExitCode, Fatal
 from audience_relay.settings import Settings
 from audience_relay.topics import create_topics
