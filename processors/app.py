@@ -148,10 +148,15 @@ class Processors:
         self._stop.set()
         if self._running is not None:
             await asyncio.wait([self._running], timeout=self.settings.worker_session_timeout_seconds)
-        if self.membership is not None:
-            await self.membership.stop_partitions()
-        for client in reversed(self._clients):
-            await client.stop()
+        try:
+            if self.membership is not None:
+                await self.membership.stop_partitions()
+        finally:
+            for client in reversed(self._clients):
+                try:
+                    await client.stop()
+                except Exception:  # e.g. aiokafka stopped mid-join: the others must still close
+                    log.warning("a Kafka client did not stop cleanly", exc_info=True)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run both stages until ``stop``. A stage that fails stops the process at once (exit 70):
@@ -197,8 +202,10 @@ class WorkerApp(flow.App):
         await self.processors.start()
 
     async def on_stop(self) -> None:
-        await self.processors.stop()
-        await super().on_stop()
+        try:
+            await self.processors.stop()
+        finally:  # faust's own shutdown (its consumer thread) must run whatever happened above
+            await super().on_stop()
 
 
 def create_app(settings: Settings) -> WorkerApp:
