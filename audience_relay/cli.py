@@ -57,11 +57,14 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dead_letter_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from sinks.run import replay_dead_letters
+    from sinks.replay import replay_dead_letters
 
-    delivered, refused = asyncio.run(replay_dead_letters(settings, args.sink, progress=not args.quiet))
-    print(f"replayed to {args.sink}: {delivered} delivered, {refused} still refused")
-    return 0 if refused == 0 else 4
+    report = asyncio.run(replay_dead_letters(settings, args.sink, progress=not args.quiet))
+    print(
+        f"replayed to {args.sink}: {report.delivered} delivered, {report.refused} still refused "
+        f"(dead-lettered again, replayable), {report.superseded} superseded (skipped)"
+    )
+    return 0 if report.refused == 0 else 4
 
 
 def cmd_schemas_export(args: argparse.Namespace, settings: Settings) -> int:

@@ -23,7 +23,8 @@ from schemas.records import SegmentEvent
 from sinks import metrics as sink_metrics
 from sinks.base import Delivered, GiveUp, RetryAfter, idempotency_key, lytics_record
 from sinks.http import classify, retry_after_seconds
-from sinks.run import replay_dead_letters, serve
+from sinks.replay import replay_dead_letters
+from sinks.run import serve
 from tests.conftest import make_settings
 from tests.fakes import Answer, FakeDestination
 
@@ -249,13 +250,120 @@ async def test_refused_batch_is_dead_lettered_then_replayed(kafka_bootstrap: str
         assert b"unknown field" in headers["response-excerpt"]
         assert b"pushly-secret-key" not in b"".join(headers.values())  # scrubbed
     assert sorted(orjson.loads(r.value)["change_id"] for r in dead) == sorted(c["change_id"] for c in changes)
-    # The destination is fixed: a replay delivers every one, and a second replay has nothing left.
+    # Issue 13.5: a replay while the destination still refuses loses nothing: each refused change
+    # goes back to the dead-letter topic (one more replay attempt, the new answer, scrubbed) ...
+    still = await replay_dead_letters(settings, "pushly", progress=False)
+    assert (still.delivered, still.refused, still.superseded) == (0, len(changes), 0)
+    again = await read_topic(kafka_bootstrap, topics.dead_letter, since=await end_offsets_of(dead))
+    assert sorted(orjson.loads(r.value)["change_id"] for r in again) == sorted(
+        c["change_id"] for c in changes
+    )
+    for record in again:
+        headers = dict(record.headers)
+        assert headers["replay-attempts"] == b"1" and headers["sink"] == b"pushly"
+        assert b"pushly-secret-key" not in b"".join(headers.values())
+    # ... and once the destination is fixed, the next replay delivers every one; then nothing is left.
     pushly.default = Answer(200)
-    assert await replay_dead_letters(settings, "pushly", progress=False) == (len(changes), 0)
+    fixed = await replay_dead_letters(settings, "pushly", progress=False)
+    assert (fixed.delivered, fixed.refused) == (len(changes), 0)
     assert sorted(r.body["data"]["email"] for r in pushly.delivered()) == sorted(
         c["identifier"] for c in changes
     )
-    assert await replay_dead_letters(settings, "pushly", progress=False) == (0, 0)
+    done = await replay_dead_letters(settings, "pushly", progress=False)
+    assert (done.delivered, done.refused, done.superseded) == (0, 0, 0)
+    await pushly.stop()
+    await odp.stop()
+
+
+async def end_offsets_of(records: list[Any]) -> dict[int, int]:
+    """Partition -> the offset after the last of ``records``."""
+    out: dict[int, int] = {}
+    for r in records:
+        out[r.partition] = max(out.get(r.partition, 0), r.offset + 1)
+    return out
+
+
+def user_events(ident: str, steps: list[tuple[str, int]], audience: str = "aud-0") -> list[dict[str, Any]]:
+    """Segment events of one user: (enter|exit, seconds after T0) in one audience."""
+    out = []
+    for kind, sec in steps:
+        when = T0 + timedelta(seconds=sec)
+        out.append(
+            {
+                "event_id": SegmentEvent.make_id(ident, audience, kind, when),
+                "identifier": ident,
+                "match_field": "email",
+                "audience_id": audience,
+                "audience_slug": f"slug-{audience}",
+                "event": kind,
+                "event_time": when,
+                "lytics_user_id": f"lid-{ident}",
+                "source": "default",
+                "request_id": f"r-{ident}-{sec}",
+            }
+        )
+    return out
+
+
+async def publish_states(settings: Settings, states: list[dict[str, Any]]) -> None:
+    """MembershipState records on the compacted membership topic, keyed identifier \\x1f audience."""
+    topics = TopicNames.from_settings(settings)
+    await produce_all(
+        settings.kafka_bootstrap_servers,
+        topics.membership,
+        [(f"{s['identifier']}\x1f{s['audience_id']}".encode(), orjson.dumps(s), []) for s in states],
+    )
+
+
+def last_word(received: list[Any], field: str = "email") -> dict[tuple[str, str], str]:
+    """(identifier, audience) -> the last event a destination accepted for it."""
+    out: dict[tuple[str, str], str] = {}
+    for r in received:
+        for record in r.body if isinstance(r.body, list) else [r.body]:
+            for se in record["data"]["segment_events"]:
+                out[(record["data"][field], se["id"])] = se["event"]
+    return out
+
+
+async def test_replay_skips_changes_a_newer_change_superseded(kafka_bootstrap: str) -> None:
+    """Issue 13.6: enter refused and dead-lettered, the later exit delivered: replay must not send
+    the enter (the destination's last word would be "enter" for a user who left)."""
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    refuse = {("a@example.com", "enter"), ("b@example.com", "enter")}
+
+    def answer(body: Any) -> Answer:
+        se = body["data"]["segment_events"][0]
+        return Answer(400) if (body["data"]["email"], se["event"]) in refuse else Answer(200)
+
+    pushly.decide = answer
+    settings = sink_settings(kafka_bootstrap, pushly, odp)
+    await create_topics(settings)
+    topics = TopicNames.from_settings(settings)
+    # a enters (refused) then exits (delivered); b enters (refused) and stays.
+    _, out_a = fold(user_events("a@example.com", [("enter", 10), ("exit", 20)]))
+    _, out_b = fold(user_events("b@example.com", [("enter", 10)]))
+    changes = [r for r in out_a + out_b if "change_id" in r]
+    await publish_changes(settings, changes)
+    await publish_states(settings, [r for r in out_a + out_b if "change_id" not in r])
+    sink = Running(settings, "pushly")
+
+    async def settled() -> bool:
+        return (
+            len(await read_topic(kafka_bootstrap, topics.dead_letter)) >= 2 and len(pushly.delivered()) >= 1
+        )
+
+    try:
+        await until_async(settled, 60, "two dead letters and one delivery")
+    finally:
+        await sink.close()
+    assert last_word(pushly.delivered()) == {("a@example.com", "aud-0"): "exit"}
+    pushly.decide = None  # the destination is fixed
+    report = await replay_dead_letters(settings, "pushly", progress=False)
+    assert (report.delivered, report.refused, report.superseded) == (1, 0, 1)
+    assert last_word(pushly.delivered()) == {
+        ("a@example.com", "aud-0"): "exit",
+        ("b@example.com", "aud-0"): "enter",
+    }
     await pushly.stop()
     await odp.stop()
 
