@@ -22,6 +22,7 @@ from processors.membership import fold
 from schemas.records import SegmentEvent
 from sinks import metrics as sink_metrics
 from sinks.base import Delivered, GiveUp, RetryAfter, idempotency_key, lytics_record
+from sinks.engine import SinkEngine
 from sinks.http import classify, retry_after_seconds
 from sinks.replay import replay_dead_letters
 from sinks.run import serve
@@ -88,9 +89,9 @@ class Running:
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(serve(settings, name, self.stop))
 
-    async def close(self) -> None:
+    async def close(self) -> SinkEngine:
         self.stop.set()
-        await self.task
+        return await self.task
 
 
 def ids(received: list[Any]) -> list[str]:
@@ -366,6 +367,44 @@ async def test_replay_skips_changes_a_newer_change_superseded(kafka_bootstrap: s
     }
     await pushly.stop()
     await odp.stop()
+
+
+def test_a_redirect_is_an_answer_not_a_delivery() -> None:
+    moved = classify(302, None, "", [400], "https://elsewhere.example:8443/steal?token=abc")
+    assert isinstance(moved, RetryAfter)
+    assert "https://elsewhere.example:8443" in moved.reason and "token" not in moved.reason
+    refused = classify(301, None, "", [301], "/v2/hook")
+    assert isinstance(refused, GiveUp) and refused.status == 301
+
+
+async def test_redirects_are_never_followed(kafka_bootstrap: str) -> None:
+    """Issue 13.7: a 302/307 to another origin is not followed (no GET without body counted as
+    delivered, no credential sent there); it is retried until the destination accepts the POST."""
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    elsewhere = await FakeDestination().start()
+    pushly.script = [Answer(302, {"Location": f"{elsewhere.url}?from=pushly"})] * 3
+    odp.script = [Answer(307, {"Location": f"{elsewhere.url}?from=odp"})] * 2
+    settings = sink_settings(kafka_bootstrap, pushly, odp)
+    await create_topics(settings)
+    changes = make_changes(5, audiences=1)
+    await publish_changes(settings, changes)
+    sinks = [Running(settings, "pushly"), Running(settings, "odp")]
+    try:
+        await until(lambda: len(ids(pushly.delivered())) >= len(changes), 60, "pushly deliveries")
+        await until(lambda: len(ids(odp.delivered())) >= len(changes), 60, "odp deliveries")
+    finally:
+        engines = [await s.close() for s in sinks]
+        await elsewhere.stop()
+        await pushly.stop()
+        await odp.stop()
+    assert elsewhere.arrivals == []  # nothing, and no credential, reached the other origin
+    assert {r.method for r in pushly.requests + odp.requests} == {"POST"}
+    assert all(r.body for r in pushly.requests + odp.requests)
+    assert [r.status for r in pushly.requests[:3]] == [302, 302, 302]
+    assert [e.delivered for e in engines] == [len(changes), len(changes)]  # no redirect counted
+    assert sorted(r["data"]["email"] for r in ids(pushly.delivered())) == sorted(
+        c["identifier"] for c in changes
+    )
 
 
 @pytest.mark.timeout(600)
