@@ -289,6 +289,12 @@ class Settings(BaseSettings):
         gt=0,
         validation_alias=AliasChoices("RELAY_SINK_MAX_BACKOFF_SECONDS", "sink_max_backoff_seconds"),
     )
+    #: The least time before any retry of a batch, whatever Retry-After (0, a past date) or jitter says.
+    sink_min_retry_seconds: float = Field(
+        1.0,
+        gt=0,
+        validation_alias=AliasChoices("RELAY_SINK_MIN_RETRY_SECONDS", "sink_min_retry_seconds"),
+    )
 
     # --- Operations -------------------------------------------------------------------------
     log_level: str = Field("INFO", validation_alias=AliasChoices("RELAY_LOG_LEVEL", "log_level"))

@@ -45,6 +45,20 @@ def backoff(attempt: int, cap: float, base: float = 0.2, rng: random.Random | No
     return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt, 30)))
 
 
+def retry_delay(
+    attempt: int, told: float | None, floor: float, cap: float, rng: random.Random | None = None
+) -> float:
+    """Seconds before retry ``attempt`` of a batch: the longest of the floor, the destination's own
+    Retry-After (capped at ten backoff caps) and the jittered backoff.
+
+    The floor holds for every wait: a ``Retry-After: 0`` or a date in the past must not make a
+    client hammer the destination, and the backoff keeps growing under a destination that keeps
+    saying "now".
+    """
+    told_capped = min(told, cap * 10) if told is not None else 0.0
+    return max(floor, told_capped, backoff(attempt, cap, rng=rng))
+
+
 def group_id(settings: Settings, destination: str) -> str:
     """The consumer group of the sink ``destination``."""
     return f"{settings.topic_prefix}.sink.{destination}"
@@ -223,14 +237,11 @@ class SinkEngine:
             assert isinstance(result, RetryAfter)
             attempt += 1
             metrics.RETRIES.labels(self.name).inc()
-            delay = (
-                result.seconds
-                if result.seconds is not None
-                else backoff(attempt, self.settings.sink_max_backoff_seconds)
-            )
-            delay = min(delay, self.settings.sink_max_backoff_seconds * 10)
-            if result.seconds is not None:
-                self._not_before = max(self._not_before, time.monotonic() + delay)
+            cap = self.settings.sink_max_backoff_seconds
+            delay = retry_delay(attempt, result.seconds, self.settings.sink_min_retry_seconds, cap)
+            if result.seconds:
+                told = min(result.seconds, cap * 10)
+                self._not_before = max(self._not_before, time.monotonic() + told)
             log.info(
                 "delivery will be retried",
                 extra={

@@ -30,7 +30,7 @@ from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks.base import Delivered, GiveUp
 from sinks.destinations import build
-from sinks.engine import backoff
+from sinks.engine import retry_delay
 from sinks.scrub import scrub, secrets_of
 from sinks.state import membership_key, read_states, superseded
 
@@ -189,4 +189,8 @@ async def _deliver_one(
         attempt += 1
         if attempt > MAX_ATTEMPTS:
             raise SystemExit(f"{name} keeps failing ({result.reason}); replay stopped, run it again")
-        await asyncio.sleep(result.seconds or backoff(attempt, settings.sink_max_backoff_seconds))
+        await asyncio.sleep(
+            retry_delay(
+                attempt, result.seconds, settings.sink_min_retry_seconds, settings.sink_max_backoff_seconds
+            )
+        )

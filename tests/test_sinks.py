@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +23,7 @@ from processors.membership import fold
 from schemas.records import SegmentEvent
 from sinks import metrics as sink_metrics
 from sinks.base import Delivered, GiveUp, RetryAfter, idempotency_key, lytics_record
-from sinks.engine import SinkEngine
+from sinks.engine import SinkEngine, retry_delay
 from sinks.http import classify, retry_after_seconds
 from sinks.replay import replay_dead_letters
 from sinks.run import serve
@@ -79,8 +80,7 @@ def sink_settings(bootstrap: str, pushly: FakeDestination, odp: FakeDestination,
         odp_webhook_url=odp.url,
         odp_auth_token="Bearer odp-secret-token",
         odp_flush_seconds=0.5,
-        sink_max_backoff_seconds=0.5,
-        **extra,
+        **{"sink_max_backoff_seconds": 0.5, "sink_min_retry_seconds": 0.1, **extra},
     )
 
 
@@ -405,6 +405,43 @@ async def test_redirects_are_never_followed(kafka_bootstrap: str) -> None:
     assert sorted(r["data"]["email"] for r in ids(pushly.delivered())) == sorted(
         c["identifier"] for c in changes
     )
+
+
+def test_every_retry_wait_has_a_floor_and_the_backoff_still_grows() -> None:
+    rng = random.Random(7)
+    assert retry_delay(1, 0.0, 1.0, 60, rng) >= 1.0  # Retry-After: 0
+    assert retry_delay(1, None, 1.0, 60, rng) >= 1.0  # jitter may draw 0
+    assert retry_delay(1, 30.0, 1.0, 60, rng) >= 30.0  # a longer Retry-After is honoured
+    assert retry_delay(1, 10_000.0, 1.0, 60, rng) <= 600  # ... up to ten backoff caps
+    late = [retry_delay(12, 0.0, 1.0, 60, random.Random(s)) for s in range(50)]
+    assert max(late) > 10  # "now" again and again: the backoff still applies
+
+
+async def test_retry_after_zero_or_in_the_past_is_floored(kafka_bootstrap: str) -> None:
+    """Issue 13.9: Retry-After 0 or a past date made 10,395 requests in 3 s for one change."""
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    pushly.default = Answer(429, {"Retry-After": "0"})
+    odp.default = Answer(503, {"Retry-After": "Wed, 01 Jan 2020 00:00:00 GMT"})
+    settings = sink_settings(kafka_bootstrap, pushly, odp, sink_min_retry_seconds=1.0)
+    await create_topics(settings)
+    one = [c for c in make_changes(2, audiences=1) if c["identifier"] == "user1@example.com"]
+    await publish_changes(settings, one)
+    sinks = [Running(settings, "pushly"), Running(settings, "odp")]
+    try:
+        await until(lambda: bool(pushly.requests and odp.requests), 60, "the first attempts")
+        window_end = max(pushly.requests[0].at, odp.requests[0].at) + 3.0
+        await until(lambda: time.monotonic() > window_end, 10, "three seconds of retries")
+        for fake in (pushly, odp):
+            first = fake.requests[0].at
+            in_3s = [r for r in fake.requests if r.at <= first + 3.0]
+            assert len(in_3s) <= 4, f"{len(in_3s)} requests in 3 s for one change"
+        pushly.default = odp.default = Answer(200)
+        await until(lambda: bool(pushly.delivered() and odp.delivered()), 30, "delivery once accepted")
+    finally:
+        for s in sinks:
+            await s.close()
+        await pushly.stop()
+        await odp.stop()
 
 
 @pytest.mark.timeout(600)
