@@ -32,7 +32,8 @@ class GiveUp:
 
     reason: str
     status: int | None = None
-    response_excerpt: str = ""
+    #: The answer's text as read (bounded, not yet scrubbed nor cut: ``sinks.scrub.excerpt`` does both).
+    response_text: str = ""
 
 
 Result = Delivered | RetryAfter | GiveUp

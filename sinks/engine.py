@@ -35,6 +35,7 @@ from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks import metrics
 from sinks.base import Delivered, Destination, GiveUp, RetryAfter
+from sinks.scrub import excerpt, scrub
 
 log = logging.getLogger("sinks")
 Record: TypeAlias = ConsumerRecord
@@ -232,7 +233,7 @@ class SinkEngine:
                 )
                 for record in records:
                     if record not in unreadable:
-                        await self._dead_letter(record, result.reason, result.status, result.response_excerpt)
+                        await self._dead_letter(record, result.reason, result.status, result.response_text)
                 break
             assert isinstance(result, RetryAfter)
             attempt += 1
@@ -267,20 +268,15 @@ class SinkEngine:
                 extra={"sink": self.name, "partition": tp.partition, "error": type(exc).__name__},
             )
 
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    async def _dead_letter(self, record: Record, reason: str, status: int | None, excerpt: str) -> None:
+    async def _dead_letter(self, record: Record, reason: str, status: int | None, response_text: str) -> None:
         assert self._dead_letters is not None
         headers = [
             ("stage", b"sink"),
             ("sink", self.name.encode()),
             ("reason-code", b"destination_refused" if status is not None else b"undeliverable"),
-            ("reason", self._scrub(reason).encode()),
+            ("reason", scrub(reason, self._secrets).encode()),
             ("response-status", str(status or "").encode()),
-            ("response-excerpt", self._scrub(excerpt).encode()),
+            ("response-excerpt", excerpt(response_text, self._secrets).encode()),
             ("source-topic", record.topic.encode()),
             ("source-partition", str(record.partition).encode()),
             ("source-offset", str(record.offset).encode()),

@@ -13,7 +13,8 @@ import orjson
 
 from sinks.base import Change, Delivered, GiveUp, Result, RetryAfter, idempotency_key
 
-EXCERPT = 500
+#: At most this much of an answer's body is read (it only feeds the dead-letter excerpt).
+READ_LIMIT = 64 * 1024
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
@@ -62,10 +63,22 @@ def classify(
     reason = f"the destination answered {status}"
     if 300 <= status < 400:
         reason += f" (a redirect to {origin_of(location)}, not followed: fix the destination URL)"
-    excerpt = body[:EXCERPT]
     if status in do_not_retry:
-        return GiveUp(reason, status, excerpt)
+        return GiveUp(reason, status, body)
     return RetryAfter(reason, retry_after_seconds(retry_after))
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Up to ``limit`` bytes of the body: a destination's error page must not cost unbounded memory."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await resp.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 class HttpDestination:
@@ -104,7 +117,7 @@ class HttpDestination:
             async with self._session.post(
                 self.url, data=orjson.dumps(self._body(batch)), headers=headers, allow_redirects=False
             ) as resp:
-                text = await resp.text(errors="replace")
+                text = (await _read_bounded(resp, READ_LIMIT)).decode(errors="replace")
                 return classify(
                     resp.status,
                     resp.headers.get("Retry-After"),

@@ -31,7 +31,7 @@ from audience_relay.topics import TopicNames
 from sinks.base import Delivered, GiveUp
 from sinks.destinations import build
 from sinks.engine import retry_delay
-from sinks.scrub import scrub, secrets_of
+from sinks.scrub import excerpt, scrub, secrets_of
 from sinks.state import membership_key, read_states, superseded
 
 log = logging.getLogger("sinks.replay")
@@ -182,7 +182,10 @@ async def _deliver_one(
                 value=record.value,
                 key=record.key,
                 headers=requeued_headers(
-                    record, result.reason, result.status, scrub(result.response_excerpt, secrets_of(settings))
+                    record,
+                    scrub(result.reason, secrets_of(settings)),
+                    result.status,
+                    excerpt(result.response_text, secrets_of(settings)),
                 ),
             )
             return

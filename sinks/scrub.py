@@ -7,6 +7,8 @@ import base64
 from audience_relay.settings import Settings
 
 MASK = "***"
+#: Characters of a destination's answer kept in the ``response-excerpt`` dead-letter header.
+EXCERPT = 500
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -39,3 +41,12 @@ def scrub(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, MASK)
     return text
+
+
+def excerpt(text: str, secrets: list[str], limit: int = EXCERPT) -> str:
+    """The first ``limit`` characters of ``text`` once every secret in the *whole* text is scrubbed.
+
+    Scrubbing first matters: cut first, and a secret that straddles the cut leaves its first half,
+    which no longer matches the secret, in the excerpt.
+    """
+    return scrub(text, secrets)[:limit]

@@ -27,6 +27,7 @@ from sinks.engine import SinkEngine, retry_delay
 from sinks.http import classify, retry_after_seconds
 from sinks.replay import replay_dead_letters
 from sinks.run import serve
+from sinks.scrub import excerpt, secret_variants
 from tests.conftest import make_settings
 from tests.fakes import Answer, FakeDestination
 
@@ -442,6 +443,45 @@ async def test_retry_after_zero_or_in_the_past_is_floored(kafka_bootstrap: str) 
             await s.close()
         await pushly.stop()
         await odp.stop()
+
+
+def test_excerpt_scrubs_the_whole_answer_before_cutting_it() -> None:
+    secrets = secret_variants(["pushly-secret-key"])
+    body = "x" * 490 + "pushly-secret-key and more"
+    cut = excerpt(body, secrets)
+    assert cut == ("x" * 490 + "*** and more")[:500] and "pushly-sec" not in cut
+    assert excerpt("short pushly-secret-key", secrets) == "short ***"
+
+
+async def test_a_secret_straddling_the_excerpt_cut_never_reaches_the_dead_letter(
+    kafka_bootstrap: str,
+) -> None:
+    """Issue 13.11: the excerpt was cut to 500 characters before scrubbing: a key cut in half was
+    not recognised and its first half landed in the dead-letter headers."""
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    settings = sink_settings(kafka_bootstrap, pushly, odp)
+    key = settings.pushly_api_key.get_secret_value() if settings.pushly_api_key else ""
+    pushly.default = Answer(400, body="e" * 490 + key + " was refused")
+    await create_topics(settings)
+    topics = TopicNames.from_settings(settings)
+    changes = make_changes(2, audiences=1)
+    await publish_changes(settings, changes)
+    sink = Running(settings, "pushly")
+
+    async def dead_lettered() -> bool:
+        return len(await read_topic(kafka_bootstrap, topics.dead_letter)) >= len(changes)
+
+    try:
+        await until_async(dead_lettered, 60, "dead-lettered changes")
+    finally:
+        await sink.close()
+        await pushly.stop()
+        await odp.stop()
+    for record in await read_topic(kafka_bootstrap, topics.dead_letter):
+        headers = dict(record.headers)
+        shown = headers["response-excerpt"].decode()
+        assert shown.startswith("e" * 490) and len(shown) == 500
+        assert key[:8] not in b"".join(headers.values()).decode()  # not even its first half
 
 
 @pytest.mark.timeout(600)
