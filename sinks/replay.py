@@ -135,7 +135,7 @@ async def _replay_chunk(
     consumer: AIOKafkaConsumer,
     chunk: list[ConsumerRecord[bytes, bytes]],
     report: ReplayReport,
-    bar: tqdm,  # type: ignore[type-arg]
+    bar: tqdm,
 ) -> None:
     topics = TopicNames.from_settings(settings)
     mine = []

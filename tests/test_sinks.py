@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from processors.membership import fold
 from schemas.records import SegmentEvent
 from sinks import metrics as sink_metrics
 from sinks.base import Delivered, GiveUp, RetryAfter, idempotency_key, lytics_record
+from sinks.batching import METADATA_BUDGET, Window, decode
 from sinks.engine import SinkEngine, retry_delay
 from sinks.http import classify, retry_after_seconds
 from sinks.replay import replay_dead_letters
@@ -134,6 +136,80 @@ def test_lytics_format_and_idempotency_key() -> None:
     assert idempotency_key([change]) != idempotency_key([change, change])
 
 
+@dataclass(frozen=True)
+class Rec:
+    offset: int
+    key: bytes | None
+
+
+def recs(keys: str, start: int = 0) -> list[Rec]:
+    """One record per character: its key is that character."""
+    return [Rec(start + i, k.encode()) for i, k in enumerate(keys)]
+
+
+def test_window_batches_never_share_an_identifier_while_open_and_keep_its_order() -> None:
+    w = Window(0)
+    w.add(recs("aabcadbe"), now=0.0)
+    first, _ = w.form(batch_size=3, max_open=5, flush_seconds=1.0, now=0.0)
+    assert [[r.offset for r in b.records] for b in first] == [[0, 1, 2], [3, 5, 7]]
+    # b (offset 3) is taken by the second batch; a's and b's later changes wait for their batch.
+    assert first[1].skipped == (4, 6) and (first[1].start, first[1].end) == (3, 8)
+    assert [r.offset for r, _ in w.pending] == [4, 6]
+    assert w.form(3, 5, 1.0, now=10.0) == ([], None)  # both identifiers are busy
+    w.finish(first[0])
+    again, _ = w.form(3, 5, 1.0, now=10.0)  # a and b are free again, in their order
+    assert [[r.offset for r in b.records] for b in again] == [[4, 6]]
+    assert w.base == 3  # batch two is still open
+
+
+def test_window_waits_for_the_flush_interval_unless_the_batch_is_full() -> None:
+    w = Window(0)
+    w.add(recs("ab"), now=5.0)
+    assert w.form(batch_size=3, max_open=2, flush_seconds=1.0, now=5.5) == ([], 6.0)
+    formed, _ = w.form(3, 2, 1.0, now=6.0)
+    assert [r.offset for r in formed[0].records] == [0, 1]
+
+
+def test_window_commit_metadata_re_forms_the_open_batches_exactly() -> None:
+    w = Window(100)
+    w.add(recs("abacdbefgh", start=100), now=0.0)
+    formed, _ = w.form(batch_size=3, max_open=3, flush_seconds=0.0, now=0.0)
+    shapes = [[r.offset for r in b.records] for b in formed]
+    # a's two changes go together (in order, in one request); b's second waits for the first.
+    assert shapes == [[100, 101, 102], [103, 104, 106], [107, 108, 109]]
+    assert formed[1].skipped == (105,)
+    w.finish(formed[1])  # a later batch finishes before an older one
+    offset, metadata = w.position() or (0, "")
+    assert offset == 100 and metadata.startswith("rb1|")
+    # A new owner (after a crash) reads the same records from the committed offset.
+    again = Window(offset, decode(metadata, offset))
+    assert again.add(recs("abacdbefgh", start=100), now=1.0) == 3  # batch two's: not sent again
+    assert again.form(3, 3, 0.0, now=1.0) == ([], None)  # nothing new before the old batches are done
+    recovered = again.ready_recovered()
+    assert [[r.offset for r in b.records] for b in recovered] == [shapes[0], shapes[2]]
+    assert [r.offset for r, _ in again.pending] == [105]
+    for b in recovered:
+        again.finish(b)
+    assert again.position() == (105, "rb1|1+4|")  # 106..109 are done above the committed 105
+    assert decode("someone else's metadata", 5) is None and decode("", 5) is None
+
+
+def test_window_metadata_stays_within_its_budget() -> None:
+    w = Window(0)
+    w.add([Rec(i, f"k{i}".encode()) for i in range(0, 4000, 2)], now=0.0)
+    opened = []
+    while True:
+        formed, _ = w.form(batch_size=1, max_open=10_000, flush_seconds=0.0, now=0.0)
+        if not formed:
+            break
+        opened += formed
+        for b in formed[1:]:
+            w.finish(b)  # every batch but the oldest finishes: the done offsets fragment
+    position = w.position()
+    assert position is not None and len(position[1]) <= METADATA_BUDGET
+    assert w.pending  # the window stopped widening instead of writing too much
+
+
 # --- against the broker -----------------------------------------------------------------------
 
 
@@ -195,7 +271,7 @@ async def test_failing_destination_retries_honours_retry_after_and_never_delays_
     pushly.script = [Answer(500)] * 4 + [Answer(429, {"Retry-After": "4"})]
     settings = sink_settings(kafka_bootstrap, pushly, odp, pushly_batch_size=5)
     await create_topics(settings)
-    changes = make_changes(60, audiences=1)
+    changes = make_changes(600, audiences=1)  # more than a partition buffers while Pushly waits
     await publish_changes(settings, changes)
     started = time.monotonic()
     paused_before = sink_metrics.PAUSED_SECONDS.labels("pushly")._value.get()
@@ -482,6 +558,67 @@ async def test_a_secret_straddling_the_excerpt_cut_never_reaches_the_dead_letter
         shown = headers["response-excerpt"].decode()
         assert shown.startswith("e" * 490) and len(shown) == 500
         assert key[:8] not in b"".join(headers.values()).decode()  # not even its first half
+
+
+async def test_batch_size_1_is_not_held_back_by_the_fetch_loop(kafka_bootstrap: str) -> None:
+    """Issue 13.10: at Pushly's default batch size 1 a paused partition made the loop wait its whole
+    fetch timeout every round: ~10 changes/s per partition with the receiver idle."""
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    settings = sink_settings(kafka_bootstrap, pushly, odp, partitions=1)
+    assert settings.pushly_batch_size == 1  # the default
+    await create_topics(settings)
+    changes = make_changes(300, audiences=1)
+    await publish_changes(settings, changes)
+    sink = Running(settings, "pushly")
+    try:
+        await until(lambda: len(pushly.delivered()) >= len(changes), 120, "pushly deliveries")
+    finally:
+        await sink.close()
+        await pushly.stop()
+        await odp.stop()
+    took = pushly.requests[-1].at - pushly.requests[0].at
+    rate = len(changes) / took
+    print(f"pushly, batch size 1, one partition, idle receiver: {rate:.0f} changes/s")
+    assert rate > 100, f"{rate:.0f} changes/s"
+
+
+@pytest.mark.timeout(600)
+async def test_kill_9_mid_batch_resends_the_same_batch_under_the_same_key(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Issue 13.8: after a kill -9 with a partial batch in flight (50 sent as one batch), the
+    restarted sink sent those 50 again inside a batch of 150 under another Idempotency-Key."""
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    odp.script = [Answer(200, delay=120)]  # the first batch hangs until the sink is killed
+    settings = sink_settings(kafka_bootstrap, pushly, odp, partitions=1)
+    await create_topics(settings)
+    changes = [c for c in make_changes(200, audiences=1) if c["change"] == "entered"][:150]
+    await publish_changes(settings, changes[:50])
+    sink = Component(settings, ["sink", "odp"], tmp_path / "odp1.log", RELAY_SINK_WEB_PORT=str(free_port()))
+    try:
+        await until(lambda: len(odp.arrivals) >= 1, 60, "the first batch in flight")
+        assert len(odp.arrivals[0].body) == 50
+        await publish_changes(settings, changes[50:])
+        sink.kill()
+        sink = Component(
+            settings, ["sink", "odp"], tmp_path / "odp2.log", RELAY_SINK_WEB_PORT=str(free_port())
+        )
+        await until(lambda: len(ids(odp.delivered())) >= len(changes), 120, "every change delivered")
+    finally:
+        sink.stop()
+        await pushly.stop()
+        await odp.stop()
+    keys: dict[tuple[str, str, str], set[str]] = {}
+    for request in odp.arrivals:
+        for record in request.body:
+            se = record["data"]["segment_events"][0]
+            change = (record["data"]["_id"], se["id"], se["event"])
+            keys.setdefault(change, set()).add(request.headers["Idempotency-Key"])
+    assert len(keys) == len(changes)
+    assert all(len(k) == 1 for k in keys.values()), "a change was sent under two idempotency keys"
+    again = odp.arrivals[1]
+    assert again.headers["Idempotency-Key"] == odp.arrivals[0].headers["Idempotency-Key"]
+    assert again.body == odp.arrivals[0].body  # the same 50, in the same order
 
 
 @pytest.mark.timeout(600)
