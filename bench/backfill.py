@@ -2,10 +2,13 @@
 
 N users x M audiences are posted as 300-user batches by 20 concurrent clients to the ingress; one
 worker and the three sinks deliver to local fake Pushly/ODP servers and the analytics topic. Shows
-progress, then prints end-to-end memberships/s, time to drain, deliveries per destination,
-duplicates and losses.
+progress, then prints end-to-end memberships/s, time to drain, and per destination its batch size,
+when it had everything, its changes/s, duplicates and losses.
 
-    python -m bench.backfill [--users 250000] [--audiences 4] [--clients 20] [--pushly-batch 300]
+Pushly runs at its default batch size (PUSHLY_BATCH_SIZE, 1: one request per change) unless
+``--pushly-batch`` says otherwise; the figure printed says which.
+
+    python -m bench.backfill [--users 250000] [--audiences 4] [--clients 20] [--pushly-batch N]
 """
 
 from __future__ import annotations
@@ -39,10 +42,21 @@ class Receiver(LocalReceiver):
         super().__init__(name, self._count)
         self.records = 0
         self.memberships: set[tuple[str, str]] = set()
+        self.first_at: float | None = None
+        self.last_at: float | None = None
 
     def _count(self, destination: str, identifier: str, segment_event: dict[str, Any]) -> None:
         self.records += 1
         self.memberships.add((identifier, segment_event["id"]))
+        self.last_at = time.monotonic()
+        if self.first_at is None:
+            self.first_at = self.last_at
+
+    def own_rate(self) -> str:
+        """Records per second from the first record received to the last (the sink's own pace)."""
+        if self.first_at is None or self.last_at is None or self.last_at <= self.first_at:
+            return "n/a"
+        return f"{self.records / (self.last_at - self.first_at):,.0f}/s from its first record to its last"
 
 
 def batches(users: int, audiences: int, per_body: int) -> list[bytes]:
@@ -110,8 +124,8 @@ async def main() -> None:
     parser.add_argument(
         "--pushly-batch",
         type=int,
-        default=300,
-        help="Pushly's batch size (1 = one request per change, its default)",
+        default=None,
+        help="Pushly's batch size (default: PUSHLY_BATCH_SIZE's default, 1 = one request per change)",
     )
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=1800)
@@ -128,7 +142,7 @@ async def main() -> None:
             ingress_api_keys=[KEY],
             pushly_webhook_url=pushly.url,
             pushly_api_key="bench",
-            pushly_batch_size=args.pushly_batch,
+            **({"pushly_batch_size": args.pushly_batch} if args.pushly_batch else {}),
             odp_webhook_url=odp.url,
             odp_auth_token="bench",
         )
@@ -150,18 +164,26 @@ async def main() -> None:
         ]
         ingress = IngressProcess(bootstrap, settings.topic_prefix, KEY)
         bodies = batches(args.users, args.audiences, args.batch)
+        default_batch = Settings.model_fields["pushly_batch_size"].default
         print(
             f"backfill: {args.users:,} users x {args.audiences} audiences = {expected:,} memberships in "
-            f"{len(bodies):,} bodies of {args.batch} users; logs in {work}",
+            f"{len(bodies):,} bodies of {args.batch} users; {args.partitions} partitions; pushly batch "
+            f"size {settings.pushly_batch_size}"
+            f"{' (its default)' if settings.pushly_batch_size == default_batch else ''}, concurrency "
+            f"{settings.pushly_concurrency}; odp batch size {settings.odp_batch_size}, concurrency "
+            f"{settings.odp_concurrency}; logs in {work}",
             flush=True,
         )
         started = time.monotonic()
         posting = asyncio.create_task(post_all(ingress.port, bodies, args.clients))
         posted_at = None
         analytics = 0
+        complete_at: dict[str, float] = {}
+        tick = 0
         try:
             while True:
-                await asyncio.sleep(5)  # progress report cadence
+                await asyncio.sleep(1)  # completion check cadence (a progress line every 5 s)
+                tick += 1
                 for p in procs:
                     assert p.poll() is None, f"a component died; see {work}"
                 if posting.done() and posted_at is None:
@@ -172,13 +194,21 @@ async def main() -> None:
                 analytics = await topic_size(bootstrap, names.analytics)
                 elapsed = time.monotonic() - started
                 changes = await topic_size(bootstrap, names.membership_changes)
-                print(
-                    f"  {elapsed:6.1f} s  changes {changes:>9,}  "
-                    f"pushly {len(pushly.memberships):>9,}  odp {len(odp.memberships):>9,}  "
-                    f"analytics {analytics:>9,}  / {expected:,}",
-                    flush=True,
-                )
-                if min(len(pushly.memberships), len(odp.memberships), analytics) >= expected:
+                if tick % 5 == 0:
+                    print(
+                        f"  {elapsed:6.1f} s  changes {changes:>9,}  "
+                        f"pushly {len(pushly.memberships):>9,}  odp {len(odp.memberships):>9,}  "
+                        f"analytics {analytics:>9,}  / {expected:,}",
+                        flush=True,
+                    )
+                for name, count in (
+                    ("pushly", len(pushly.memberships)),
+                    ("odp", len(odp.memberships)),
+                    ("analytics", analytics),
+                ):
+                    if count >= expected:
+                        complete_at.setdefault(name, elapsed)
+                if len(complete_at) == 3:
                     break
                 if elapsed > args.timeout:
                     print("  timed out", flush=True)
@@ -195,8 +225,11 @@ async def main() -> None:
             f"({args.users / drained:,.0f} users/s); bodies stored in {posted_at or float('nan'):.1f} s"
         )
         for r in (pushly, odp):
+            done_at = complete_at.get(r.name)
+            rate = f"{expected / done_at:,.0f} changes/s" if done_at else "not complete"
             print(
-                f"  {r.name}: {r.requests:,} requests, {r.records:,} records, "
+                f"  {r.name}: everything after {done_at or float('nan'):.1f} s ({rate}, progress checked "
+                f"every second; {r.own_rate()}), {r.requests:,} requests, {r.records:,} records, "
                 f"{len(r.memberships):,} distinct, "
                 f"duplicates {r.records - len(r.memberships):,}, lost {expected - len(r.memberships):,}"
             )
