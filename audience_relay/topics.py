@@ -25,6 +25,10 @@ class TopicNames:
     membership_changes: str
     membership: str
     analytics: str
+    #: Field-change events (FieldChange v1, keyed by identifier), for the analytics sink.
+    field_changes: str
+    #: Last delivery outcome per identifier, audience and destination (compacted; sinks/deliver.py).
+    deliveries: str
     #: The membership table's changelog (faust names it ``<app id>-<table>-changelog``).
     changelog: str
 
@@ -38,6 +42,8 @@ class TopicNames:
             membership_changes=f"{p}.membership-changes",
             membership=f"{p}.membership",
             analytics=settings.analytics_topic or f"{p}.analytics",
+            field_changes=f"{p}.field-changes",
+            deliveries=f"{p}.deliveries",
             changelog=f"{p}-processors-membership-changelog",
         )
 
@@ -81,6 +87,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # Current state: one record per (identifier, audience); compaction keeps the newest.
         TopicSpec(names.membership, n, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
         TopicSpec(names.analytics, n, {"cleanup.policy": "delete"}),
+        TopicSpec(names.field_changes, n, {"cleanup.policy": "delete"}),
+        # One record per (identifier, audience, destination): compaction keeps the last outcome.
+        TopicSpec(names.deliveries, n, {"cleanup.policy": "compact"}),
         # Created here, not left to the worker's faust: a changelog it creates at start can still be
         # described with no partitions when the first batch writes the table, and faust then stops
         # the agent with PartitionsMismatch (seen on a freshly started broker).

@@ -2,18 +2,17 @@
 
 - records are kept per partition in a ``sinks.batching.Window``; a batch is formed when it reaches
   the batch size or its oldest record the flush interval; batches of one partition never share an
-  identifier while open (one identifier's changes arrive in order), at most ``per_partition`` of a
-  partition and ``concurrency`` requests overall are in flight;
+  identifier while open (two changes of one identifier are never in flight at once: an exit never
+  overtakes its enter), and several batches of a partition may be in flight, so a destination's
+  concurrency is reached whatever the partition count (at most ``concurrency`` requests overall);
 - before a batch is sent, the partition's commit (offset + metadata describing every open batch) is
   written, so after a crash or a rebalance the same batches are re-formed and sent with the same
   ``Idempotency-Key``: a change's key never depends on timing (with a batch size of 1 the key is the
   change's own and nothing needs writing first);
-- ``RetryAfter`` → the same batch again after the longest of a floor, the destination's Retry-After
-  and an exponential backoff with full jitter; a Retry-After also holds back every other batch,
-  since it speaks for the whole destination; meanwhile the partition's buffer fills and its
-  consumption is *paused*;
-- ``GiveUp`` → each record goes to the dead-letter topic with the reason, status and response excerpt;
-- the offset of a partition only moves past records that were delivered or dead-lettered.
+- delivering a batch (retries, Retry-After, splitting refused batches, dead letters, the delivery
+  log) is ``sinks.deliver``; while a partition's batches wait, its buffer fills and its consumption
+  is *paused*;
+- the offset of a partition only moves past records that were delivered, dead-lettered or filtered.
 
 The fetch loop never sleeps on the broker: one ``getmany`` runs in the background while the loop
 waits for whichever comes first — records, a finished batch, a batch falling due, or the stop.
@@ -25,19 +24,11 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import time
 from collections import defaultdict
 from typing import Any, TypeAlias
 
-import orjson
-from aiokafka import (
-    AIOKafkaConsumer,
-    AIOKafkaProducer,
-    ConsumerRebalanceListener,
-    ConsumerRecord,
-    TopicPartition,
-)
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
@@ -45,9 +36,12 @@ from aiokafka.structs import OffsetAndMetadata
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks import metrics
-from sinks.base import Delivered, Destination, GiveUp, RetryAfter
 from sinks.batching import Batch, Window, decode
-from sinks.scrub import excerpt, scrub
+from sinks.deliver import Deliverer, Entry
+from sinks.destinations import SinkSpec
+from sinks.pacing import backoff, correlation, retry_delay
+
+__all__ = ["SinkEngine", "backoff", "correlation", "group_id", "retry_delay"]
 
 log = logging.getLogger("sinks")
 Record: TypeAlias = ConsumerRecord
@@ -60,39 +54,9 @@ LAZY_COMMIT_SECONDS = 0.2
 MIN_BUFFER = 100
 
 
-def backoff(attempt: int, cap: float, base: float = 0.2, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt, 30)))
-
-
-def retry_delay(
-    attempt: int, told: float | None, floor: float, cap: float, rng: random.Random | None = None
-) -> float:
-    """Seconds before retry ``attempt`` of a batch: the longest of the floor, the destination's own
-    Retry-After (capped at ten backoff caps) and the jittered backoff.
-
-    The floor holds for every wait: a ``Retry-After: 0`` or a date in the past must not make a
-    client hammer the destination, and the backoff keeps growing under a destination that keeps
-    saying "now".
-    """
-    told_capped = min(told, cap * 10) if told is not None else 0.0
-    return max(floor, told_capped, backoff(attempt, cap, rng=rng))
-
-
 def group_id(settings: Settings, destination: str) -> str:
     """The consumer group of the sink ``destination``."""
     return f"{settings.topic_prefix}.sink.{destination}"
-
-
-def correlation(changes: list[dict[str, Any]], limit: int = 20) -> dict[str, Any]:
-    """Log fields naming the changes of a batch: their change ids and the ingress request ids.
-
-    At most ``limit`` of each, so a 300-change batch stays one readable line; ``records`` gives
-    the full count.
-    """
-    change_ids = [str(c.get("change_id", "")) for c in changes[:limit]]
-    request_ids = list(dict.fromkeys(str(c.get("request_id", "")) for c in changes if c.get("request_id")))
-    return {"records": len(changes), "change_ids": change_ids, "request_ids": request_ids[:limit]}
 
 
 def buffer_limit(batch_size: int, concurrency: int, partitions: int) -> int:
@@ -118,26 +82,23 @@ class SinkEngine:
     def __init__(
         self,
         settings: Settings,
-        destination: Destination,
-        batch_size: int,
-        flush_seconds: float,
-        concurrency: int,
+        spec: SinkSpec,
         secrets: list[str] | None = None,
-        per_partition: int = 1,
+        per_partition: int | None = None,
     ) -> None:
         self.settings = settings
-        self.destination = destination
-        self.name = destination.name
-        self.batch_size = batch_size
-        self.flush_seconds = flush_seconds
-        self.concurrency = concurrency
-        self.per_partition = max(1, per_partition)
+        self.spec = spec
+        self.name = spec.destination.name
+        self.batch_size = spec.batch_size
+        self.flush_seconds = spec.flush_seconds
+        self.concurrency = spec.concurrency
+        #: Open batches per partition; by default as many as requests may be in flight overall.
+        self.per_partition = max(1, per_partition or spec.concurrency)
         self.topics = TopicNames.from_settings(settings)
         self.group = group_id(settings, self.name)
-        self._slots = asyncio.Semaphore(concurrency)
-        self._secrets = [s for s in (secrets or []) if s]
+        self.deliverer = Deliverer(settings, spec, secrets or [])
         # With one change per batch the key is the change's own: no commit has to precede a send.
-        self._durable_boundaries = batch_size > 1
+        self._durable_boundaries = spec.batch_size > 1
         self._windows: dict[TopicPartition, Window] = {}
         #: Records fetched for a partition whose window is still being built (assignment callback).
         self._limbo: dict[TopicPartition, list[Record]] = defaultdict(list)
@@ -146,17 +107,18 @@ class SinkEngine:
         self._paused_at: dict[TopicPartition, float] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
-        self._dead_letters: AIOKafkaProducer | None = None
         self._wake = asyncio.Event()
         self._commit_wanted = asyncio.Event()
         self._commit_urgent = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._committed = asyncio.Condition()
-        self.delivered = 0
         #: True while the consumer is connected and consuming (the sink's readiness).
         self.running = False
-        # A Retry-After is about the destination, not one partition: no batch goes before this time.
-        self._not_before = 0.0
+
+    @property
+    def delivered(self) -> int:
+        """Changes the destination accepted since the start."""
+        return self.deliverer.delivered
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -171,17 +133,13 @@ class SinkEngine:
             auto_offset_reset="earliest",
             max_poll_records=max(500, self.batch_size),
         )
-        self._dead_letters = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap_servers, enable_idempotence=True
-        )
         self._admin = AIOKafkaAdminClient(
             bootstrap_servers=s.kafka_bootstrap_servers, client_id=f"audience-relay-sink-{self.name}"
         )
-        await self.destination.start()
-        await self._dead_letters.start()
+        await self.deliverer.start()
         await self._admin.start()
         await self._consumer.start()
-        self._consumer.subscribe([self.topics.membership_changes], listener=_Rebalance(self))
+        self._consumer.subscribe(list(self.spec.topics), listener=_Rebalance(self))
         log.info("sink started", extra={"sink": self.name, "group": self.group})
         self.running = True
         committer = asyncio.create_task(self._commit_loop(), name=f"commit-{self.name}")
@@ -219,8 +177,7 @@ class SinkEngine:
             await self._commit_now()
             await self._consumer.stop()
             await self._admin.close()
-            await self._dead_letters.stop()
-            await self.destination.stop()
+            await self.deliverer.stop()
 
     def _take(self, fetched: dict[TopicPartition, list[Record]], now: float) -> None:
         assert self._consumer is not None
@@ -280,93 +237,22 @@ class SinkEngine:
         if batch.records and self._durable_boundaries:
             await self._until_committed(window, version)
         if batch.records:
-            await self._deliver(tp, batch.records)
-        window.finish(batch)
-        self._commit_wanted.set()
-
-    async def _deliver(self, tp: TopicPartition, records: list[Record]) -> None:
-        started = time.monotonic()
-        changes: list[dict[str, Any]] = []
-        readable: list[Record] = []
-        for record in records:
-            try:
-                changes.append(orjson.loads(record.value))
-                readable.append(record)
-            except orjson.JSONDecodeError:
-                await self._dead_letter(record, "the change record is not JSON", None, "")
-        attempt = 0
-        while changes:
-            wait = self._not_before - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)  # the destination asked for this pause (Retry-After)
-            async with self._slots:
-                result = await self.destination.write(changes)
-            if isinstance(result, Delivered):
-                metrics.DELIVERIES.labels(self.name, "delivered").inc()
-                metrics.RECORDS.labels(self.name, "delivered").inc(len(changes))
-                metrics.BATCH_SIZE.labels(self.name).observe(len(changes))
-                self.delivered += len(changes)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug(
-                        "batch delivered",
-                        extra={"sink": self.name, "partition": tp.partition, **correlation(changes)},
-                    )
-                break
-            if isinstance(result, GiveUp):
-                metrics.DELIVERIES.labels(self.name, "dead_lettered").inc()
-                metrics.RECORDS.labels(self.name, "dead_lettered").inc(len(changes))
-                log.warning(
-                    "batch given up",
+            field_change = tp.topic == self.topics.field_changes
+            tally = await self.deliverer.process([Entry.of(r, field_change) for r in batch.records])
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "batch done",
                     extra={
                         "sink": self.name,
-                        "status": result.status,
-                        "reason": result.reason,
-                        **correlation(changes),
+                        "partition": tp.partition,
+                        "delivered": tally.delivered,
+                        "dead_lettered": tally.dead_lettered,
+                        "filtered": tally.filtered,
+                        "unknown_identifier": tally.unknown_identifier,
                     },
                 )
-                for record in readable:
-                    await self._dead_letter(record, result.reason, result.status, result.response_text)
-                break
-            assert isinstance(result, RetryAfter)
-            attempt += 1
-            metrics.RETRIES.labels(self.name).inc()
-            cap = self.settings.sink_max_backoff_seconds
-            delay = retry_delay(attempt, result.seconds, self.settings.sink_min_retry_seconds, cap)
-            if result.seconds:
-                told = min(result.seconds, cap * 10)
-                self._not_before = max(self._not_before, time.monotonic() + told)
-            log.info(
-                "delivery will be retried",
-                extra={
-                    "sink": self.name,
-                    "reason": result.reason,
-                    "attempt": attempt,
-                    "retry_in_s": round(delay, 3),
-                    **correlation(changes),
-                },
-            )
-            await asyncio.sleep(delay)  # the backoff itself, not a wait on a condition
-        metrics.LATENCY.labels(self.name).observe(time.monotonic() - started)
-
-    async def _dead_letter(self, record: Record, reason: str, status: int | None, response_text: str) -> None:
-        assert self._dead_letters is not None
-        headers = [
-            ("stage", b"sink"),
-            ("sink", self.name.encode()),
-            ("reason-code", b"destination_refused" if status is not None else b"undeliverable"),
-            ("reason", scrub(reason, self._secrets).encode()),
-            ("response-status", str(status or "").encode()),
-            ("response-excerpt", excerpt(response_text, self._secrets).encode()),
-            ("source-topic", record.topic.encode()),
-            ("source-partition", str(record.partition).encode()),
-            ("source-offset", str(record.offset).encode()),
-        ]
-        change_id = dict(record.headers or ()).get("change-id")
-        if change_id:
-            headers.append(("change-id", change_id))
-        await self._dead_letters.send_and_wait(
-            self.topics.dead_letter, value=record.value, key=record.key, headers=headers
-        )
+        window.finish(batch)
+        self._commit_wanted.set()
 
     # --- commits -----------------------------------------------------------------------------
 

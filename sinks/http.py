@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from sinks.base import Change, Delivered, GiveUp, Result, RetryAfter, idempotency_key
+from sinks.base import Delivered, GiveUp, Item, Result, RetryAfter
 
 #: At most this much of an answer's body is read (it only feeds the dead-letter excerpt).
 READ_LIMIT = 64 * 1024
@@ -59,7 +59,7 @@ def classify(
     operator can fix the configured URL.
     """
     if 200 <= status < 300:
-        return Delivered()
+        return Delivered(status)
     reason = f"the destination answered {status}"
     if 300 <= status < 400:
         reason += f" (a redirect to {origin_of(location)}, not followed: fix the destination URL)"
@@ -89,7 +89,7 @@ class HttpDestination:
         name: str,
         url: str,
         headers: dict[str, str],
-        body: Callable[[list[Change]], Any],
+        body: Callable[[list[Item]], Any],
         do_not_retry: Collection[int],
         timeout: float,
     ) -> None:
@@ -108,14 +108,15 @@ class HttpDestination:
         if self._session is not None:
             await self._session.close()
 
-    async def write(self, batch: list[Change]) -> Result:
+    async def write(self, items: list[Item], key: str) -> Result:
+        """POST the batch once; the answer classified (a redirect is never followed)."""
         assert self._session is not None, "start() first"
-        headers = {**self._headers, "Idempotency-Key": idempotency_key(batch)}
+        headers = {**self._headers, "Idempotency-Key": key}
         try:
             # Never follow a redirect: the credentials in the headers must not leave the configured
             # origin, and a followed 302/303 turns the POST into a GET without the body.
             async with self._session.post(
-                self.url, data=orjson.dumps(self._body(batch)), headers=headers, allow_redirects=False
+                self.url, data=orjson.dumps(self._body(items)), headers=headers, allow_redirects=False
             ) as resp:
                 text = (await _read_bounded(resp, READ_LIMIT)).decode(errors="replace")
                 return classify(

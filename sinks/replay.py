@@ -22,23 +22,22 @@ import logging
 from dataclasses import dataclass
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from tqdm import tqdm
 
 from audience_relay.kafkautil import end_offsets
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
-from sinks.base import Delivered, GiveUp
+from sinks.deliver import Deliverer, DestinationFailing, Entry
 from sinks.destinations import build
-from sinks.engine import retry_delay
-from sinks.scrub import excerpt, scrub, secrets_of
+from sinks.scrub import secrets_of
 from sinks.state import membership_key, read_states, superseded
 
 log = logging.getLogger("sinks.replay")
 
 #: Dead-letter records looked at per round (their states are read from the membership topic at once).
 CHUNK = 10_000
-#: Failed (not refused) attempts of one change before the replay stops.
+#: Failed (not refused) attempts of one request before the replay stops.
 MAX_ATTEMPTS = 8
 
 
@@ -47,10 +46,13 @@ class ReplayReport:
     """What a replay did with the dead-letter records of one sink."""
 
     delivered: int = 0
-    #: Still refused by the destination: appended again to the dead-letter topic (replayable).
+    #: Still refused (or still without the identifier to send): appended again to the dead-letter
+    #: topic with ``replay-attempts`` counted up, so the next replay tries them again.
     refused: int = 0
     #: Skipped: a newer change of the same identifier and audience superseded them.
     superseded: int = 0
+    #: Skipped: the destination's audience lists exclude them now.
+    filtered: int = 0
 
 
 def replay_group(settings: Settings, name: str) -> str:
@@ -58,40 +60,22 @@ def replay_group(settings: Settings, name: str) -> str:
     return f"{settings.topic_prefix}.dead-letter-replay.{name}"
 
 
-def requeued_headers(
-    record: ConsumerRecord[bytes, bytes], reason: str, status: int | None, excerpt: str
-) -> list[tuple[str, bytes]]:
-    """The headers of a still-refused record's new dead-letter copy: the new answer, one more attempt."""
-    old = list(record.headers or ())
-    attempts = int(dict(old).get("replay-attempts", b"0") or 0) + 1
-    replaced = {"reason", "response-status", "response-excerpt", "replay-attempts"}
-    headers = [(k, v) for k, v in old if k not in replaced]
-    headers += [
-        ("reason", reason.encode()),
-        ("response-status", str(status or "").encode()),
-        ("response-excerpt", excerpt.encode()),
-        ("replay-attempts", str(attempts).encode()),
-    ]
-    return headers
-
-
 async def replay_dead_letters(settings: Settings, name: str, *, progress: bool = True) -> ReplayReport:
     """Deliver again every record the sink ``name`` gave up, from where the last replay stopped."""
     topics = TopicNames.from_settings(settings)
-    destination, _, _, _ = build(name, settings)
+    spec = build(name, settings)
+    deliverer = Deliverer(settings, spec, secrets_of(settings), "replay", max_attempts=MAX_ATTEMPTS)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=replay_group(settings, name),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True)
     ends = await end_offsets(settings.kafka_bootstrap_servers, topics.dead_letter)
     parts = [TopicPartition(topics.dead_letter, p) for p in ends]
     report = ReplayReport()
     await consumer.start()
-    await producer.start()
-    await destination.start()
+    await deliverer.start()
     try:
         consumer.assign(parts)
         for tp in parts:
@@ -109,11 +93,20 @@ async def replay_dead_letters(settings: Settings, name: str, *, progress: bool =
                 for tp, records in (await consumer.getmany(*pending, timeout_ms=1000)).items():
                     chunk.extend(r for r in records if r.offset < ends[tp.partition])
                 pending = {tp for tp in pending if await consumer.position(tp) < ends[tp.partition]}
-            await _replay_chunk(settings, name, destination, producer, consumer, chunk, report, bar)
+            try:
+                await _replay_chunk(settings, name, deliverer, chunk, report)
+            except DestinationFailing as exc:
+                raise SystemExit(f"{name} keeps failing ({exc}); replay stopped, run it again") from None
+            done: dict[TopicPartition, int] = {}
+            for record in chunk:
+                tp = TopicPartition(record.topic, record.partition)
+                done[tp] = max(done.get(tp, 0), record.offset + 1)
+            if done:
+                await consumer.commit(done)
+            bar.update(len(chunk))
         bar.close()
     finally:
-        await destination.stop()
-        await producer.stop()
+        await deliverer.stop()
         await consumer.stop()
     log.info(
         "replay finished",
@@ -122,6 +115,7 @@ async def replay_dead_letters(settings: Settings, name: str, *, progress: bool =
             "delivered": report.delivered,
             "refused": report.refused,
             "superseded": report.superseded,
+            "filtered": report.filtered,
         },
     )
     return report
@@ -130,70 +124,59 @@ async def replay_dead_letters(settings: Settings, name: str, *, progress: bool =
 async def _replay_chunk(
     settings: Settings,
     name: str,
-    destination: object,
-    producer: AIOKafkaProducer,
-    consumer: AIOKafkaConsumer,
+    deliverer: Deliverer,
     chunk: list[ConsumerRecord[bytes, bytes]],
     report: ReplayReport,
-    bar: tqdm,
 ) -> None:
     topics = TopicNames.from_settings(settings)
-    mine = []
+    mine: list[tuple[Entry, dict[str, object] | None]] = []
     for record in chunk:
         headers = dict(record.headers or ())
-        if headers.get("stage") == b"sink" and headers.get("sink") == name.encode():
-            mine.append((record, orjson.loads(record.value)))
-    wanted = {membership_key(c["identifier"], c["audience_id"]) for _, c in mine}
+        if headers.get("stage") != b"sink" or headers.get("sink") != name.encode():
+            continue
+        entry = Entry.of(record, field_change=headers.get("field-change") == b"1")
+        try:
+            change = orjson.loads(record.value) if record.value is not None else None
+        except orjson.JSONDecodeError:
+            change = None
+        mine.append((entry, change if isinstance(change, dict) else None))
+    wanted = {
+        membership_key(str(c["identifier"]), str(c["audience_id"]))
+        for e, c in mine
+        if c is not None and not e.field_change and "identifier" in c and "audience_id" in c
+    }
     states = await read_states(settings.kafka_bootstrap_servers, topics.membership, wanted)
-    todo = {id(r) for r, _ in mine}
-    changes = {id(r): c for r, c in mine}
-    for record in chunk:
-        bar.update(1)
-        if id(record) in todo:
-            change = changes[id(record)]
-            state = states.get(membership_key(change["identifier"], change["audience_id"]))
+    groups: dict[bytes | None, list[Entry]] = {}
+    for entry, change in mine:
+        if change is not None and not entry.field_change and "audience_id" in change:
+            state = states.get(membership_key(str(change.get("identifier")), str(change["audience_id"])))
             if superseded(change, state):
                 report.superseded += 1
-            else:
-                await _deliver_one(settings, name, destination, producer, record, change, report)
-        await consumer.commit({TopicPartition(record.topic, record.partition): record.offset + 1})
+                await deliverer.log_superseded(entry, change, "a newer change of this audience superseded it")
+                continue
+        # One identifier's changes travel in one batch, in dead-letter order.
+        groups.setdefault(entry.key, []).append(entry)
+    # Batches of different identifiers go at once (the deliverer bounds the requests in flight); an
+    # identifier with more changes than a batch holds sends them batch after batch, in order.
+    size = deliverer.spec.batch_size
+    sequences: list[list[list[Entry]]] = []
+    current: list[Entry] = []
+    for group in groups.values():
+        if len(group) > size:
+            sequences.append([group[i : i + size] for i in range(0, len(group), size)])
+            continue
+        if current and len(current) + len(group) > size:
+            sequences.append([current])
+            current = []
+        current.extend(group)
+    if current:
+        sequences.append([current])
 
+    async def run(sequence: list[list[Entry]]) -> None:
+        for batch in sequence:
+            tally = await deliverer.process(batch)
+            report.delivered += tally.delivered
+            report.refused += tally.dead_lettered + tally.unknown_identifier
+            report.filtered += tally.filtered
 
-async def _deliver_one(
-    settings: Settings,
-    name: str,
-    destination: object,
-    producer: AIOKafkaProducer,
-    record: ConsumerRecord[bytes, bytes],
-    change: dict[str, object],
-    report: ReplayReport,
-) -> None:
-    write = destination.write  # type: ignore[attr-defined]
-    attempt = 0
-    while True:
-        result = await write([change])
-        if isinstance(result, Delivered):
-            report.delivered += 1
-            return
-        if isinstance(result, GiveUp):
-            report.refused += 1
-            await producer.send_and_wait(
-                TopicNames.from_settings(settings).dead_letter,
-                value=record.value,
-                key=record.key,
-                headers=requeued_headers(
-                    record,
-                    scrub(result.reason, secrets_of(settings)),
-                    result.status,
-                    excerpt(result.response_text, secrets_of(settings)),
-                ),
-            )
-            return
-        attempt += 1
-        if attempt > MAX_ATTEMPTS:
-            raise SystemExit(f"{name} keeps failing ({result.reason}); replay stopped, run it again")
-        await asyncio.sleep(
-            retry_delay(
-                attempt, result.seconds, settings.sink_min_retry_seconds, settings.sink_max_backoff_seconds
-            )
-        )
+    await asyncio.gather(*(run(sequence) for sequence in sequences))

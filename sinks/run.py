@@ -10,7 +10,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from audience_relay.lag import LagMonitor
 from audience_relay.settings import Settings
-from audience_relay.topics import TopicNames
 from sinks.destinations import build
 from sinks.engine import SinkEngine, group_id
 from sinks.replay import replay_dead_letters
@@ -21,8 +20,7 @@ __all__ = ["build_engine", "replay_dead_letters", "run_sink", "serve", "web_app"
 
 def build_engine(settings: Settings, name: str) -> SinkEngine:
     """The delivery engine of the sink ``name``."""
-    destination, batch_size, flush_seconds, concurrency = build(name, settings)
-    return SinkEngine(settings, destination, batch_size, flush_seconds, concurrency, secrets_of(settings))
+    return SinkEngine(settings, build(name, settings), secrets_of(settings))
 
 
 async def serve(settings: Settings, name: str, stop: asyncio.Event) -> SinkEngine:
@@ -69,11 +67,10 @@ def run_sink(settings: Settings, name: str) -> None:
         runner = web.AppRunner(web_app(engine), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.worker_web_host, settings.sink_web_port).start()
-        topics = TopicNames.from_settings(settings)
         lag = LagMonitor(
             settings.kafka_bootstrap_servers,
             group_id(settings, name),
-            [topics.membership_changes],
+            list(engine.spec.topics),
             settings.lag_interval_seconds,
         )
         lag_task = asyncio.create_task(lag.run(stop), name="consumer-lag")

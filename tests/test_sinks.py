@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from dataclasses import dataclass
@@ -14,19 +15,20 @@ import aiohttp
 import orjson
 import pytest
 
-from audience_relay.kafkautil import produce_all, read_topic
+from audience_relay.kafkautil import group_lag, produce_all, read_topic
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import free_port
 from devtools.processes import Component
 from devtools.wait import until, until_async
 from processors.membership import fold
-from schemas.records import SegmentEvent
+from schemas.records import AnalyticsFieldsEvent, AnalyticsMembershipEvent, DeliveryOutcome, SegmentEvent
 from sinks import metrics as sink_metrics
-from sinks.base import Delivered, GiveUp, RetryAfter, idempotency_key, lytics_record
+from sinks.base import Delivered, GiveUp, Item, RetryAfter, idempotency_key, lytics_record
 from sinks.batching import METADATA_BUDGET, Window, decode
-from sinks.engine import SinkEngine, retry_delay
+from sinks.engine import SinkEngine, group_id
 from sinks.http import classify, retry_after_seconds
+from sinks.pacing import retry_delay
 from sinks.replay import replay_dead_letters
 from sinks.run import serve
 from sinks.scrub import excerpt, secret_variants
@@ -36,8 +38,14 @@ from tests.fakes import Answer, FakeDestination
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 
+def lytics_id(n: int) -> str:
+    """The Lytics ID (``_id``) of test user ``n``."""
+    return f"4f1b{n:012x}"
+
+
 def make_changes(users: int, audiences: int = 2) -> list[dict[str, Any]]:
-    """Real MembershipChange records, made by the membership function from enter/exit events."""
+    """Real MembershipChange records, made by the membership function from enter/exit events, with
+    the ``identifiers`` the processors add (the Lytics ID under ``_id`` and the e-mail)."""
     out: list[dict[str, Any]] = []
     for n in range(users):
         ident = f"user{n}@example.com"
@@ -59,7 +67,9 @@ def make_changes(users: int, audiences: int = 2) -> list[dict[str, Any]]:
                         "request_id": f"r{n}",
                     }
                 )
-        out.extend(c for c in fold(events)[1] if "change_id" in c)
+        for c in fold(events)[1]:
+            if "change_id" in c:
+                out.append({**c, "identifiers": {"_id": lytics_id(n), "email": ident}})
     return out
 
 
@@ -82,8 +92,12 @@ def sink_settings(bootstrap: str, pushly: FakeDestination, odp: FakeDestination,
         pushly_api_key="pushly-secret-key",
         odp_webhook_url=odp.url,
         odp_auth_token="Bearer odp-secret-token",
-        odp_flush_seconds=0.5,
-        **{"sink_max_backoff_seconds": 0.5, "sink_min_retry_seconds": 0.1, **extra},
+        **{
+            "odp_flush_seconds": 0.5,
+            "sink_max_backoff_seconds": 0.5,
+            "sink_min_retry_seconds": 0.1,
+            **extra,
+        },
     )
 
 
@@ -109,8 +123,8 @@ def ids(received: list[Any]) -> list[str]:
 
 
 def test_classify_answers() -> None:
-    assert classify(200, None, "", [400]) == Delivered()
-    assert classify(204, None, "", [400]) == Delivered()
+    assert classify(200, None, "", [400]) == Delivered(200)
+    assert classify(204, None, "", [400]) == Delivered(204)
     assert classify(400, None, "bad", [400, 404, 413]) == GiveUp("the destination answered 400", 400, "bad")
     assert classify(500, None, "", [400]) == RetryAfter("the destination answered 500", None)
     assert classify(429, "7", "", [400]) == RetryAfter("the destination answered 429", 7.0)
@@ -127,13 +141,14 @@ def test_retry_after_forms() -> None:
 
 def test_lytics_format_and_idempotency_key() -> None:
     change = make_changes(1, audiences=1)[0]  # user0 enters (and later exits)
-    record = lytics_record(change, "_id")
-    assert record["data"]["_id"] == "user0@example.com"
+    record = lytics_record(Item(change, "4f1b0"), "_id")
+    assert record["data"]["_id"] == "4f1b0" and record["id"] == "0"
     assert record["data"]["segment_events"] == [
         {"id": "aud-0", "event": "enter", "enter": change["event_time"], "slug": "slug-0"}
     ]
     assert idempotency_key([change]) == idempotency_key([dict(change)])
     assert idempotency_key([change]) != idempotency_key([change, change])
+    assert idempotency_key([change], "resync") != idempotency_key([change])
 
 
 @dataclass(frozen=True)
@@ -235,6 +250,7 @@ async def test_each_destination_gets_exactly_the_changes_in_its_format(kafka_boo
         await pushly.stop()
         await odp.stop()
     expected = sorted((c["identifier"], c["audience_id"], c["change"]) for c in changes)
+    by_lytics_id = sorted((c["identifiers"]["_id"], c["audience_id"], c["change"]) for c in changes)
 
     def seen(records: list[dict[str, Any]], field: str) -> list[tuple[str, str, str]]:
         return sorted(
@@ -251,10 +267,10 @@ async def test_each_destination_gets_exactly_the_changes_in_its_format(kafka_boo
     assert seen(ids(pushly.requests), "email") == expected
     assert {r.headers["X-API-KEY"] for r in pushly.requests} == {"pushly-secret-key"}
     assert len({r.headers["Idempotency-Key"] for r in pushly.requests}) == len(changes)
-    # ODP: arrays of at most 300, identifier under _id, the configured auth header.
+    # ODP: arrays of at most 300, the Lytics ID under _id, the configured auth header.
     assert all(isinstance(r.body, list) and 1 <= len(r.body) <= 300 for r in odp.requests)
     assert any(len(r.body) > 1 for r in odp.requests)
-    assert seen(ids(odp.requests), "_id") == expected
+    assert seen(ids(odp.requests), "_id") == by_lytics_id
     assert {r.headers["Authorization"] for r in odp.requests} == {"Bearer odp-secret-token"}
     # Analytics: one CloudEvent per change, keyed by identifier, with time in audience on exit.
     events = [orjson.loads(r.value) for r in await read_topic(kafka_bootstrap, topics.analytics)]
@@ -287,8 +303,9 @@ async def test_failing_destination_retries_honours_retry_after_and_never_delays_
         await odp.stop()
     statuses = [r.status for r in pushly.requests]
     assert statuses[:5] == [500, 500, 500, 500, 429] and 200 in statuses
-    after_429 = next(r.at for r in pushly.requests[5:])
-    assert after_429 - pushly.requests[4].at >= 4.0  # Retry-After honoured
+    answered_429 = next(r.at for r in pushly.requests if r.status == 429)
+    started_after = [a.at for a in pushly.arrivals if a.at > answered_429]
+    assert min(started_after) - answered_429 >= 4.0  # Retry-After honoured by every batch
     first_pushly_success = min(r.at for r in pushly.delivered())
     assert odp_done < first_pushly_success  # ODP was not held back by Pushly's trouble
     # No spinning: each failure cost exactly one retry of its batch, and partitions were paused.
@@ -657,3 +674,280 @@ async def test_kill_9_of_a_sink_loses_nothing(kafka_bootstrap: str, tmp_path: Pa
         f"sink kill: {len(changes)} changes, {before} delivered before the kill, "
         f"{len(keys) - len(set(keys))} redelivered after it (same idempotency key)"
     )
+
+
+# --- issue 14: what each destination gets -------------------------------------------------------
+
+
+async def deliveries(settings: Settings) -> dict[bytes, DeliveryOutcome]:
+    """The delivery log as compaction will leave it: last outcome per key, checked against the model."""
+    topics = TopicNames.from_settings(settings)
+    out: dict[bytes, DeliveryOutcome] = {}
+    for record in await read_topic(settings.kafka_bootstrap_servers, topics.deliveries):
+        outcome = DeliveryOutcome.model_validate_json(record.value)
+        assert record.key == DeliveryOutcome.key(outcome.identifier, outcome.audience_id, outcome.destination)
+        out[record.key] = outcome
+    return out
+
+
+async def test_each_destination_gets_its_identifier_and_every_outcome_is_logged(kafka_bootstrap: str) -> None:
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    settings = sink_settings(
+        kafka_bootstrap,
+        pushly,
+        odp,
+        pushly_identifier_hash="sha256",
+        pushly_identifier_field="email_sha256",
+        analytics_identifier_source="user_id",
+    )
+    await create_topics(settings)
+    topics = TopicNames.from_settings(settings)
+    changes = make_changes(30, audiences=1)
+    for c in changes:
+        n = int(c["identifier"][4:].split("@")[0])
+        c["identifiers"]["user_id"] = f"u{n}"
+        if n % 10 == 7:
+            del c["identifiers"]["_id"]  # the Lytics job does not export the Lytics ID for these
+    lacking = [c for c in changes if "_id" not in c["identifiers"]]
+    assert lacking
+    await publish_changes(settings, changes)
+    unknown_before = sink_metrics.RECORDS.labels("odp", "unknown_identifier")._value.get()
+    sinks = [Running(settings, name) for name in ("pushly", "odp", "analytics")]
+
+    async def logged() -> bool:
+        return len(await deliveries(settings)) >= 3 * len(
+            {(c["identifier"], c["audience_id"]) for c in changes}
+        )
+
+    try:
+        await until_async(logged, 90, "every outcome in the delivery log")
+    finally:
+        for s in sinks:
+            await s.close()
+        await pushly.stop()
+        await odp.stop()
+    # Pushly: the SHA-256 of the normalized match field, under the configured name.
+    sent = sorted(r["data"]["email_sha256"] for r in ids(pushly.delivered()))
+    assert sent == sorted(hashlib.sha256(c["identifier"].encode()).hexdigest() for c in changes)
+    assert not any("email" in r["data"] for r in ids(pushly.delivered()))
+    # ODP: the Lytics ID under _id; changes without one are dead-lettered with a reason naming the
+    # Export Field to add, and counted.
+    assert sorted(r["data"]["_id"] for r in ids(odp.delivered())) == sorted(
+        c["identifiers"]["_id"] for c in changes if "_id" in c["identifiers"]
+    )
+    dead = [
+        r for r in await read_topic(kafka_bootstrap, topics.dead_letter) if dict(r.headers)["sink"] == b"odp"
+    ]
+    assert sorted(orjson.loads(r.value)["change_id"] for r in dead) == sorted(c["change_id"] for c in lacking)
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers["reason-code"] == b"unknown_identifier"
+        assert b"Lytics ID" in headers["reason"] and b"Export Fields" in headers["reason"]
+    counted = sink_metrics.RECORDS.labels("odp", "unknown_identifier")._value.get() - unknown_before
+    assert counted == len(lacking)
+    # Analytics: the configured field's value as data.identifier, subject and key.
+    events = await read_topic(kafka_bootstrap, topics.analytics)
+    for record in events:
+        event = AnalyticsMembershipEvent.model_validate_json(record.value)
+        assert event.data.identifier_field == "user_id" and event.subject == event.data.identifier
+        assert record.key == event.subject.encode() and str(event.data.identifier).startswith("u")
+    # The log: per change and destination, the last outcome with its status and attempts.
+    log = await deliveries(settings)
+    last = {c["identifier"]: c for c in changes}  # a user's last change (the exit, when there is one)
+    for ident, change in last.items():
+        p = log[DeliveryOutcome.key(ident, "aud-0", "pushly")]
+        assert (p.outcome, p.status, p.attempts, p.change_id) == ("delivered", 200, 1, change["change_id"])
+        o = log[DeliveryOutcome.key(ident, "aud-0", "odp")]
+        assert o.outcome == ("unknown_identifier" if change in lacking else "delivered")
+        assert log[DeliveryOutcome.key(ident, "aud-0", "analytics")].outcome == "delivered"
+
+
+async def test_audience_lists_filter_changes_per_destination(kafka_bootstrap: str) -> None:
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    settings = sink_settings(
+        kafka_bootstrap,
+        pushly,
+        odp,
+        pushly_audiences_exclude="slug-1",  # by slug
+        odp_audiences_include="aud-[02]",  # by id, a glob
+    )
+    await create_topics(settings)
+    changes = make_changes(40, audiences=3)
+    await publish_changes(settings, changes)
+    filtered_before = sink_metrics.RECORDS.labels("pushly", "filtered")._value.get()
+    sinks = [Running(settings, "pushly"), Running(settings, "odp")]
+    topics = TopicNames.from_settings(settings)
+
+    async def drained() -> bool:
+        lags = [
+            await group_lag(kafka_bootstrap, group_id(settings, name), [topics.membership_changes])
+            for name in ("pushly", "odp")
+        ]
+        return lags == [0, 0]
+
+    try:
+        await until_async(drained, 90, "both sinks to commit everything, filtered changes included")
+    finally:
+        for s in sinks:
+            await s.close()
+        await pushly.stop()
+        await odp.stop()
+
+    def audiences(received: list[Any]) -> list[str]:
+        return sorted(se["id"] for r in ids(received) for se in r["data"]["segment_events"])
+
+    def expected(wanted: set[str]) -> list[str]:
+        return sorted(c["audience_id"] for c in changes if c["audience_id"] in wanted)
+
+    assert audiences(pushly.requests) == expected({"aud-0", "aud-2"})
+    assert audiences(odp.requests) == expected({"aud-0", "aud-2"})
+    filtered = [c for c in changes if c["audience_id"] == "aud-1"]
+    assert sink_metrics.RECORDS.labels("pushly", "filtered")._value.get() - filtered_before == len(filtered)
+    log = await deliveries(settings)
+    for c in filtered:
+        for name in ("pushly", "odp"):
+            entry = log[DeliveryOutcome.key(c["identifier"], "aud-1", name)]
+            assert (entry.outcome, entry.attempts, entry.status) == ("filtered", 0, None)
+
+
+async def test_field_changes_reach_analytics_only_as_cloudevents(kafka_bootstrap: str) -> None:
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    settings = sink_settings(kafka_bootstrap, pushly, odp)
+    await create_topics(settings)
+    topics = TopicNames.from_settings(settings)
+    field_changes = [
+        {
+            "schema_version": 1,
+            "change_id": f"fc{n}",
+            "identifier": f"user{n}@example.com",
+            "match_field": "email",
+            "identifiers": {"_id": lytics_id(n), "email": f"user{n}@example.com"},
+            "fields": {"first_name": f"Name{n}", "city": "Portland"},
+            "event_time": "2026-03-01T00:00:05Z",
+            "event_id": f"ev{n}",
+            "lytics_user_id": str(n),
+            "source": "default",
+            "request_id": f"r{n}",
+        }
+        for n in range(20)
+    ]
+    await produce_all(
+        kafka_bootstrap,
+        topics.field_changes,
+        [
+            (c["identifier"].encode(), orjson.dumps(c), [("change-id", c["change_id"].encode())])
+            for c in field_changes
+        ],
+    )
+    changes = make_changes(5, audiences=1)
+    await publish_changes(settings, changes)
+    sinks = [Running(settings, name) for name in ("pushly", "odp", "analytics")]
+
+    async def settled() -> bool:
+        lags = [
+            await group_lag(kafka_bootstrap, group_id(settings, name), [topics.membership_changes])
+            for name in ("pushly", "odp")
+        ]
+        analytics = await read_topic(kafka_bootstrap, topics.analytics)
+        return lags == [0, 0] and len(analytics) >= len(field_changes) + len(changes)
+
+    try:
+        await until_async(settled, 90, "analytics to get everything and the others to drain")
+    finally:
+        for s in sinks:
+            await s.close()
+        await pushly.stop()
+        await odp.stop()
+    events = [orjson.loads(r.value) for r in await read_topic(kafka_bootstrap, topics.analytics)]
+    fields = [
+        AnalyticsFieldsEvent.model_validate(e)
+        for e in events
+        if e["type"] == "com.audience-relay.fields.changed"
+    ]
+    assert sorted(e.id for e in fields) == sorted(c["change_id"] for c in field_changes)
+    assert all(e.data.fields["city"] == "Portland" and e.subject == e.data.identifier for e in fields)
+    assert len(events) == len(field_changes) + len(changes)  # nothing twice
+    # Pushly and ODP got only the membership changes.
+    assert len(ids(pushly.requests)) == len(changes) and len(ids(odp.requests)) == len(changes)
+
+
+async def test_one_refused_record_in_300_costs_only_itself(kafka_bootstrap: str) -> None:
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    bad = "4f1b0000000000a9"  # user 169's Lytics ID
+
+    def answer(body: Any) -> Answer:
+        if any(r["data"]["_id"] == bad for r in body):
+            return Answer(400, body=f'{{"error": "invalid customer id {bad}"}}')
+        return Answer(200)
+
+    odp.decide = answer
+    settings = sink_settings(kafka_bootstrap, pushly, odp, partitions=1, odp_flush_seconds=5.0)
+    await create_topics(settings)
+    topics = TopicNames.from_settings(settings)
+    changes = [c for c in make_changes(400, audiences=1) if c["change"] == "entered"][:300]
+    assert any(c["identifiers"]["_id"] == bad for c in changes)
+    await publish_changes(settings, changes)
+    sink = Running(settings, "odp")
+
+    async def dead_lettered() -> bool:
+        return len(await read_topic(kafka_bootstrap, topics.dead_letter)) >= 1
+
+    try:
+        await until(lambda: len(ids(odp.delivered())) >= 299, 60, "299 delivered")
+        await until_async(dead_lettered, 30, "the refused record dead-lettered")
+    finally:
+        await sink.close()
+        await odp.stop()
+        await pushly.stop()
+    assert len(odp.requests[0].body) == 300 and odp.requests[0].status == 400  # one batch of 300 first
+    delivered = [r["data"]["_id"] for r in ids(odp.delivered())]
+    assert len(delivered) == len(set(delivered)) == 299 and bad not in delivered
+    [dead] = await read_topic(kafka_bootstrap, topics.dead_letter)
+    headers = dict(dead.headers)
+    assert orjson.loads(dead.value)["identifiers"]["_id"] == bad
+    assert (
+        headers["response-status"] == b"400"
+        and headers["response-excerpt"] == f'{{"error": "invalid customer id {bad}"}}'.encode()
+    )
+    print(f"bisect: {len(odp.requests)} requests to isolate 1 refused record in 300")
+    assert len(odp.requests) <= 2 * 9 + 1  # halving: two requests per level below the first
+
+
+@pytest.mark.timeout(600)
+async def test_twenty_calls_at_once_with_two_partitions_keep_every_users_order(kafka_bootstrap: str) -> None:
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    rng = random.Random(20261123)
+    odp.latency = lambda: rng.uniform(0.02, 0.25)
+    settings = sink_settings(
+        kafka_bootstrap, pushly, odp, partitions=2, odp_batch_size=10, odp_flush_seconds=0.05
+    )
+    assert settings.odp_concurrency == 20
+    await create_topics(settings)
+    # 400 users x 4 audiences, enter and exit for every third user; interleaved across users so
+    # that batches keep meeting users who are already in flight. (One user is in one open batch at
+    # most, so 20 calls of 10 changes need more than 200 users with changes waiting.)
+    per_user: dict[str, list[dict[str, Any]]] = {}
+    for c in make_changes(400, audiences=4):
+        per_user.setdefault(c["identifier"], []).append(c)
+    interleaved = [u[i] for i in range(8) for u in per_user.values() if i < len(u)]
+    await publish_changes(settings, interleaved)
+    sink = Running(settings, "odp")
+    try:
+        await until(lambda: len(ids(odp.delivered())) >= len(interleaved), 180, "every change delivered")
+    finally:
+        await sink.close()
+        await odp.stop()
+        await pushly.stop()
+    # The order in which ODP finished handling them, per user, is exactly the order of the topic.
+    received: dict[str, list[tuple[str, str]]] = {}
+    for request in odp.requests:
+        for record in request.body:
+            se = record["data"]["segment_events"][0]
+            received.setdefault(record["data"]["_id"], []).append((se["id"], se["event"]))
+    wanted = {
+        u[0]["identifiers"]["_id"]: [(c["audience_id"], "enter" if c["member"] else "exit") for c in u]
+        for u in per_user.values()
+    }
+    assert received == wanted
+    print(f"odp: {odp.max_inflight} calls at once with 2 partitions, {len(odp.requests)} requests")
+    assert odp.max_inflight == 20
