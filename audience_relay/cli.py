@@ -56,6 +56,21 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_sink_resync(args: argparse.Namespace, settings: Settings) -> int:
+    from sinks.resync import resync
+
+    report = asyncio.run(
+        resync(settings, args.name, args.audience, restart=args.restart, progress=not args.quiet)
+    )
+    print(
+        f"resync to {args.name}{' (resumed)' if report.resumed else ''}: {report.members} members, "
+        f"{report.delivered} delivered, {report.already_sent} sent by the interrupted run before, "
+        f"{report.filtered} filtered, {report.dead_lettered + report.unknown_identifier} dead-lettered "
+        f"({report.unknown_identifier} without the identifier to send)"
+    )
+    return 0
+
+
 def cmd_dead_letter_replay(args: argparse.Namespace, settings: Settings) -> int:
     from sinks.replay import replay_dead_letters
 
@@ -144,9 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run the processors (split + membership); scale by adding workers")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("sink", help="deliver membership changes to one destination (own consumer group)")
+    sink = sub.add_parser(
+        "sink", help="deliver membership changes to one destination (own consumer group), or resync it"
+    ).add_subparsers(dest="sink_action", required=True)
+    for name in ("pushly", "odp", "analytics"):
+        p = sink.add_parser(name, help=f"deliver changes to {name} until SIGTERM")
+        p.set_defaults(func=cmd_sink, name=name)
+    p = sink.add_parser(
+        "resync", help="send the current members (compacted membership topic) to one destination"
+    )
     p.add_argument("name", choices=["pushly", "odp", "analytics"])
-    p.set_defaults(func=cmd_sink)
+    p.add_argument(
+        "--audience",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="an audience id or slug (glob) to resync; repeat for more; default: every audience",
+    )
+    p.add_argument("--restart", action="store_true", help="start a new run even if one is unfinished")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sink_resync)
 
     dead = sub.add_parser("dead-letter", help="dead-letter tools").add_subparsers(
         dest="action", required=True
