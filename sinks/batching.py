@@ -69,9 +69,14 @@ class Batch:
     #: Re-formed from the commit metadata after a restart or a rebalance.
     recovered: bool = False
     dispatched: bool = False
+    _idents: frozenset[bytes] | None = field(default=None, repr=False)
 
-    def idents(self) -> set[bytes]:
-        return {r.key for r in self.records if r.key is not None}
+    def idents(self) -> frozenset[bytes]:
+        """The identifiers (record keys) in the batch. Only asked once its records are all there: a
+        formed batch at once, a recovered one once its range is fetched (``form`` waits until then)."""
+        if self._idents is None:
+            self._idents = frozenset(r.key for r in self.records if r.key is not None)
+        return self._idents
 
 
 @dataclass(frozen=True)

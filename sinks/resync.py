@@ -76,9 +76,11 @@ class Progress:
     offset: int
     end: int
     selection: str
+    #: The membership topic's partition count when the run began (a partition move voids the run).
+    partitions: int
 
     def encode(self) -> str:
-        return f"{TAG}|end={self.end}|sel={self.selection}"
+        return f"{TAG}|end={self.end}|sel={self.selection}|parts={self.partitions}"
 
     @staticmethod
     def decode(offset: int, text: str | None) -> Progress | None:
@@ -86,9 +88,12 @@ class Progress:
             return None
         try:
             fields = dict(part.split("=", 1) for part in text.split("|")[1:])
-            return Progress(offset, int(fields["end"]), fields["sel"])
+            return Progress(offset, int(fields["end"]), fields["sel"], int(fields["parts"]))
         except (KeyError, ValueError):
             return None
+
+    def same_run(self, selection: str, partitions: int) -> bool:
+        return self.selection == selection and self.partitions == partitions
 
 
 def resync_group(settings: Settings, name: str) -> str:
@@ -191,15 +196,15 @@ async def resync(
     ends = await end_offsets(settings.kafka_bootstrap_servers, topics.membership)
     parts = [TopicPartition(topics.membership, p) for p in sorted(ends)]
     before = {} if restart else await _progress(settings, group, parts)
-    unfinished = {p: pr for p, pr in before.items() if pr.selection == selection and pr.offset < pr.end}
+    count = len(ends)
+    unfinished = {p: pr for p, pr in before.items() if pr.same_run(selection, count) and pr.offset < pr.end}
     report = ResyncReport(resumed=bool(unfinished))
+    plan: dict[int, Progress | None]
     if unfinished:
         # Resume the run: its snapshot ends, from where each partition got to.
-        plan = {
-            p: before[p] if p in before and before[p].selection == selection else None for p in sorted(ends)
-        }
+        plan = {p: before[p] if p in before and before[p].same_run(selection, count) else None for p in ends}
     else:
-        plan = {p: Progress(0, ends[p], selection) for p in sorted(ends)}
+        plan = {p: Progress(0, ends[p], selection, count) for p in sorted(ends)}
     spec = build(name, settings)
     deliverer = Deliverer(
         settings, spec, secrets_of(settings), "resync", key_namespace="resync", max_attempts=MAX_ATTEMPTS
@@ -284,7 +289,7 @@ async def _send_partition(
             return
         committed_upto = upto
         offset = planned.end if upto == len(batches) - 1 else batches[upto][-1][0] + 1
-        progress = Progress(offset, planned.end, planned.selection)
+        progress = Progress(offset, planned.end, planned.selection, planned.partitions)
         await consumer.commit({tp: OffsetAndMetadata(offset, progress.encode())})
 
     async def worker() -> None:

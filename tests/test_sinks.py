@@ -29,6 +29,7 @@ from sinks.batching import METADATA_BUDGET, Window, decode
 from sinks.engine import SinkEngine, group_id
 from sinks.http import classify, retry_after_seconds
 from sinks.pacing import retry_delay
+from sinks.policy import Policy, Send, Skip, decide
 from sinks.replay import replay_dead_letters
 from sinks.resync import resync
 from sinks.run import serve
@@ -150,6 +151,36 @@ def test_lytics_format_and_idempotency_key() -> None:
     assert idempotency_key([change]) == idempotency_key([dict(change)])
     assert idempotency_key([change]) != idempotency_key([change, change])
     assert idempotency_key([change], "resync") != idempotency_key([change])
+
+
+def test_policy_picks_hashes_and_filters() -> None:
+    odp = Policy("odp", "_id", "_id", "none", include=("aud-*",), exclude=("*-test", "vip"))
+    change = {
+        "change_id": "c",
+        "identifier": "a@b.c",
+        "match_field": "email",
+        "identifiers": {"_id": "4f1b", "phones": [" 555 ", "", "556"]},
+        "audience_id": "aud-1",
+        "audience_slug": "vip",
+    }
+    assert decide(odp, change) == Skip(
+        "filtered", "audience not in the audience lists of odp"
+    )  # exclude wins
+    assert decide(odp, {**change, "audience_slug": "all"}) == Send("4f1b")
+    assert decide(odp, {**change, "audience_id": "other", "audience_slug": None}).outcome == "filtered"
+    lacking = decide(odp, {**change, "identifiers": {}, "audience_slug": None})
+    assert (
+        isinstance(lacking, Skip)
+        and lacking.outcome == "unknown_identifier"
+        and "Lytics ID" in lacking.reason
+    )
+    hashed = Policy("pushly", "email", "email", "sha256")
+    assert decide(hashed, {**change, "identifier": " A@B.c "}) == Send(hashlib.sha256(b"a@b.c").hexdigest())
+    assert decide(Policy("x", "phones", "phones"), change) == Send(["555", "556"])
+    assert decide(Policy("x", "email", "email"), change, field_change=True).outcome == "filtered"
+    assert isinstance(
+        decide(Policy("x", "email", "email", field_changes=True), change, field_change=True), Send
+    )
 
 
 @dataclass(frozen=True)
