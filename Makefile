@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 
-.PHONY: demo up test lint audit lock promtool bench install kafka-jars clean
+.PHONY: demo up test unit lint lockcheck audit lock promtool bench install kafka-jars clean
 
 demo: install kafka-jars ## the whole pipeline locally on the sample payloads, then stop
 	$(BIN)/audience-relay up --demo
@@ -17,21 +18,43 @@ up: install kafka-jars ## the whole pipeline locally; keeps serving until Ctrl-C
 test: install kafka-jars ## the whole test suite against a real broker
 	$(BIN)/pytest --run-slow --hypothesis-seed=20261123
 
-audit: install ## known vulnerabilities in the locked dependencies (pip-audit)
-	$(BIN)/python scripts/audit.py requirements.lock
+# The same run without the tests that need a broker (marked kafka automatically, see tests/conftest.py):
+# no Java, no Kafka jars, seconds.
+unit: install ## the tests that need no broker
+	$(BIN)/pytest -m "not kafka" --run-slow --hypothesis-seed=20261123
 
-lock: install ## requirements.lock: the exact versions installed for audience-relay[dev]
-	$(BIN)/python scripts/lock.py > requirements.lock
+audit: install ## known vulnerabilities in the locked dependencies (pip-audit)
+	$(BIN)/python scripts/audit.py $(LOCK)
+
+# Resolves pyproject.toml without the lock (pip keeps every installed version that still fits, so only
+# what the change needs moves; `$(BIN)/pip install -U NAME` first to move NAME on purpose), then locks
+# what is installed. Needs no `install`: that refuses a lock which disagrees with pyproject.toml.
+lock: | $(BIN)/python ## requirements.lock: the exact versions installed for audience-relay[dev]
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python scripts/lock.py > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
+lockcheck: install ## pyproject.toml against requirements.lock, and the venv against the lock
+	$(BIN)/python scripts/lock.py --check --check-installed
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c $(LOCK) --upgrade pip
+
+# Exactly the locked versions (pip constraints: the lock pins, pyproject.toml chooses what is installed;
+# the project itself is editable). The pyproject-vs-lock check runs before pip so a stale lock is one
+# clear list, not a resolver error; the venv check after it finds a package the lock does not pin
+# (constraints alone would install it at whatever is newest).
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install -q -c $(LOCK) pip packaging
+	$(BIN)/python scripts/lock.py --check
+	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
+	$(BIN)/python scripts/lock.py --check-installed
 	touch $(STAMP)
 
 promtool: ## promtool (Debian's prometheus package) for the alert-rule tests; CI runs this, locally optional

@@ -3,6 +3,13 @@
 Every comparison is constant-time over SHA-256 digests (so neither the key nor its length leaks
 through timing), every configured key is tried (no early exit on the first match), and nothing here
 ever logs or returns a secret.
+
+A token names its client and the source it was issued for, and every use checks it against the
+client's *current* grant: narrowing a client to another source, or removing it, takes effect on its
+tokens at the next reload, not at their expiry.
+
+The same ``Authenticator`` serves the ingress and a worker's query routes; both reload it on SIGHUP
+(``try_reload``), from the environment's snapshot and ``RELAY_INGRESS_KEYS_FILE``.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Mapping
@@ -22,6 +30,8 @@ from audience_relay.settings import Settings
 
 DEFAULT_SOURCE = "default"
 TOKEN_PREFIX = "rt1."
+
+log = logging.getLogger("audience_relay.auth")
 
 
 def _matches_any(presented: str, digests: tuple[bytes, ...]) -> bool:
@@ -63,18 +73,27 @@ class Authenticator:
 
     def __init__(self, settings: Settings, *, allow_anonymous: bool = False) -> None:
         self._settings = settings
-        self._insecure = allow_anonymous
         self.query_param = settings.ingress_query_param
         self.ttl = settings.oauth_token_ttl_seconds
         # Without a configured key, tokens die with the process and are not shared across replicas;
         # the per-process key survives reloads so a reload does not void the tokens already issued.
         self._process_key = secrets.token_bytes(32)
         self._creds = load_credentials(settings)
+        if allow_anonymous and settings.ingress_keys_file is not None and not self._creds.any():
+            # A keys file is where credentials are meant to be: one that holds none is a mistake
+            # (or a file emptied by accident), never a request to open the door.
+            raise KeysFileError(
+                f"the keys file {settings.ingress_keys_file} leaves no credential at all; --insecure "
+                "accepts requests without credentials only when no credential source is configured "
+                "(no RELAY_INGRESS_KEYS_FILE either)"
+            )
+        # Decided once, at start: a reload can never switch an ingress to accepting anyone.
+        self._anonymous = allow_anonymous and not self._creds.any()
 
     @property
     def allow_anonymous(self) -> bool:
-        """Only with ``--insecure`` and no credential configured at all: every request is let in."""
-        return self._insecure and not self._creds.any()
+        """Only with ``--insecure`` and no credential source configured at all: every request is let in."""
+        return self._anonymous
 
     @property
     def ephemeral_signing_key(self) -> bool:
@@ -88,13 +107,23 @@ class Authenticator:
         """Re-read the environment's snapshot and the keys file; swap them in only if usable.
 
         Raises ``KeysFileError`` (the old credentials stay in force) for a bad file, or for a file
-        that would leave no credential at all on an ingress that was not started ``--insecure``.
+        that would leave no credential at all (with or without ``--insecure``).
         """
         fresh = load_credentials(self._settings)
-        if not fresh.any() and not self._insecure:
+        if not fresh.any() and not self._anonymous:
             raise KeysFileError("the keys file leaves no credential at all; keeping the previous ones")
         self._creds = fresh
         return fresh
+
+    def try_reload(self) -> bool:
+        """``reload`` for a SIGHUP: logs the outcome (counts only, never a secret); True when swapped in."""
+        try:
+            credentials = self.reload()
+        except KeysFileError as exc:
+            log.error("credentials not reloaded; the previous ones stay in force", extra={"error": str(exc)})
+            return False
+        log.info("credentials reloaded", extra=credentials.summary())
+        return True
 
     def _signing_keys(self) -> tuple[bytes, ...]:
         return self._creds.signing_keys or (self._process_key,)
@@ -163,8 +192,14 @@ class Authenticator:
             return False
         if exp <= (time.time() if now is None else now):
             return False
-        # A token outlives a rotation of its client's secret (until it expires), but not the removal
-        # of the client: a revoked client's tokens stop working at the next reload.
-        if str(claims.get("cid", "")) not in self._creds.clients:
+        # The client's grant as configured now, not as it was when the token was issued: a token
+        # outlives a rotation of its client's secret (until it expires), but not the removal of the
+        # client nor a change of the source it is granted.
+        entry = self._creds.clients.get(str(claims.get("cid", "")))
+        if entry is None:
             return False
-        return scope in (ANY_SOURCE, source)
+        return _grants(entry[1], source) and _grants(scope, source)
+
+
+def _grants(scope: str, source: str) -> bool:
+    return scope in (ANY_SOURCE, source)

@@ -1,19 +1,25 @@
-"""Small read-side helpers over a topic: record counts and reading a whole topic (demo, tools, tests)."""
+"""Small read-side helpers over a topic: record counts and reading a whole topic (demo, tools, tests).
+
+Each takes the settings (``Settings``) or, for tests and benchmarks against the local plaintext
+broker, just its bootstrap address (``str``); clients come from ``audience_relay.kafka``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from audience_relay import kafka
+from audience_relay.settings import Settings
+
+Target = Settings | str
 
 
 @asynccontextmanager
-async def _consumer(bootstrap: str) -> AsyncIterator[AIOKafkaConsumer]:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=64 << 20
-    )
+async def _consumer(target: Target) -> AsyncIterator[AIOKafkaConsumer]:
+    consumer = kafka.consumer(target, max_partition_fetch_bytes=64 << 20)
     await consumer.start()
     try:
         yield consumer
@@ -21,9 +27,9 @@ async def _consumer(bootstrap: str) -> AsyncIterator[AIOKafkaConsumer]:
         await consumer.stop()
 
 
-async def partition_count(bootstrap: str, topic: str) -> int:
+async def partition_count(target: Target, topic: str) -> int:
     """The partition count of ``topic`` (0 when it does not exist)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka.admin(target)
     await admin.start()
     try:
         described = await admin.describe_topics([topic])
@@ -32,14 +38,14 @@ async def partition_count(bootstrap: str, topic: str) -> int:
     return sum(len(d["partitions"]) for d in described if d["topic"] == topic and not d["error_code"])
 
 
-async def _partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
-    return [TopicPartition(topic, p) for p in range(await partition_count(bootstrap, topic))]
+async def _partitions(target: Target, topic: str) -> list[TopicPartition]:
+    return [TopicPartition(topic, p) for p in range(await partition_count(target, topic))]
 
 
-async def topic_size(bootstrap: str, topic: str) -> int:
+async def topic_size(target: Target, topic: str) -> int:
     """Records currently held by ``topic`` (end minus start offsets, summed over partitions)."""
-    async with _consumer(bootstrap) as consumer:
-        parts = await _partitions(bootstrap, topic)
+    async with _consumer(target) as consumer:
+        parts = await _partitions(target, topic)
         if not parts:
             return 0
         ends = await consumer.end_offsets(parts)
@@ -47,20 +53,20 @@ async def topic_size(bootstrap: str, topic: str) -> int:
         return sum(ends[tp] - starts[tp] for tp in parts)
 
 
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+async def end_offsets(target: Target, topic: str) -> dict[int, int]:
     """Partition → end offset of ``topic``."""
-    async with _consumer(bootstrap) as consumer:
-        parts = await _partitions(bootstrap, topic)
+    async with _consumer(target) as consumer:
+        parts = await _partitions(target, topic)
         ends = await consumer.end_offsets(parts) if parts else {}
         return {tp.partition: off for tp, off in ends.items()}
 
 
 async def read_topic(
-    bootstrap: str, topic: str, since: dict[int, int] | None = None
+    target: Target, topic: str, since: dict[int, int] | None = None
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` from ``since`` (partition → offset, default the start) to its current end."""
-    async with _consumer(bootstrap) as consumer:
-        parts = await _partitions(bootstrap, topic)
+    async with _consumer(target) as consumer:
+        parts = await _partitions(target, topic)
         if not parts:
             return []
         ends = await consumer.end_offsets(parts)
@@ -78,9 +84,9 @@ async def read_topic(
         return out
 
 
-async def committed_offsets(bootstrap: str, group: str) -> dict[TopicPartition, int]:
+async def committed_offsets(target: Target, group: str) -> dict[TopicPartition, int]:
     """The offsets ``group`` has committed, by partition (partitions it never committed are absent)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka.admin(target)
     await admin.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
@@ -89,13 +95,13 @@ async def committed_offsets(bootstrap: str, group: str) -> dict[TopicPartition, 
     return {tp: meta.offset for tp, meta in committed.items() if meta.offset >= 0}
 
 
-async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
+async def group_lag(target: Target, group: str, topics: list[str]) -> int:
     """Records of ``topics`` not yet committed by ``group`` (a partition never committed counts whole)."""
-    committed = await committed_offsets(bootstrap, group)
+    committed = await committed_offsets(target, group)
     lag = 0
     for topic in topics:
-        async with _consumer(bootstrap) as consumer:
-            parts = await _partitions(bootstrap, topic)
+        async with _consumer(target) as consumer:
+            parts = await _partitions(target, topic)
             if not parts:
                 continue
             ends = await consumer.end_offsets(parts)
@@ -107,16 +113,10 @@ async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
 
 
 async def produce_all(
-    bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]
+    target: Target, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]
 ) -> None:
     """Produce ``(key, value, headers)`` records with an idempotent producer and wait for every ack."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        enable_idempotence=True,
-        linger_ms=5,
-        max_batch_size=1 << 20,
-        max_request_size=64 << 20,
-    )
+    producer = kafka.producer(target, linger_ms=5, max_batch_size=1 << 20, max_request_size=64 << 20)
     await producer.start()
     try:
         futures = [await producer.send(topic, value=v, key=k, headers=h) for k, v, h in records]

@@ -12,8 +12,13 @@ through ``RELAY_INGRESS_KEYS_FILE``, a JSON document (every field optional)::
 
 What the file holds is added to what the environment holds (``RELAY_INGRESS_API_KEYS``,
 ``RELAY_OAUTH_CLIENTS``, ``RELAY_SOURCES``, ``RELAY_OAUTH_SIGNING_KEY``); a client id in both takes
-the file's secret. The first of ``oauth_signing_keys`` signs new tokens, every listed key (and the
-environment's) still verifies, so tokens issued before a signing-key rotation live out their TTL.
+the file's definition whole (its secret and the source it is granted). The first of
+``oauth_signing_keys`` signs new tokens, every listed key (and the environment's) still verifies, so
+tokens issued before a signing-key rotation live out their TTL.
+
+An OAuth client is granted exactly one source, or every source (``oauth_clients`` at the top level).
+The same client id twice within one layer (the environment, or the file) is refused with an error
+naming the id and both places: silently keeping one of the two would disable the other.
 
 Only SHA-256 digests of keys and client secrets are kept in memory. Nothing here puts a secret in an
 exception message: a bad file is reported by field path and line/column only.
@@ -34,7 +39,10 @@ ANY_SOURCE = "*"
 
 
 class KeysFileError(Exception):
-    """The keys file cannot be used; the message names the problem, never a secret."""
+    """The credentials cannot be used (a bad keys file, or a client id configured twice).
+
+    The message names the problem (field path, line, client id), never a secret.
+    """
 
 
 class SourceKeys(BaseModel):
@@ -131,25 +139,59 @@ def _secrets(values: list[SecretStr]) -> list[bytes]:
     return [digest(v.get_secret_value()) for v in values]
 
 
+def _client_grants(
+    layer: str,
+    everywhere: dict[str, SecretStr],
+    everywhere_name: str,
+    per_source: dict[str, dict[str, SecretStr]],
+    source_name: str,
+) -> dict[str, tuple[bytes, str]]:
+    """client id -> (secret digest, granted source) for one layer; a client id twice is an error."""
+    grants: dict[str, tuple[bytes, str]] = {}
+    places: dict[str, str] = {}
+    declared = [(everywhere_name, ANY_SOURCE, everywhere)] + [
+        (source_name.format(name), name, clients) for name, clients in per_source.items()
+    ]
+    for place, scope, clients in declared:
+        for cid, secret in clients.items():
+            if cid in grants:
+                raise KeysFileError(
+                    f"the OAuth client id {cid!r} is configured twice in {layer} ({places[cid]} and "
+                    f"{place}): a client is granted one source, or all of them at the top level"
+                )
+            grants[cid] = (digest(secret.get_secret_value()), scope)
+            places[cid] = place
+    return grants
+
+
 def build_credentials(settings: Settings, keys_file: KeysFile | None = None) -> Credentials:
-    """The environment's credentials plus the keys file's (pure: no I/O)."""
+    """The environment's credentials plus the keys file's (pure: no I/O).
+
+    Raises ``KeysFileError`` when a client id is configured twice within the environment or within
+    the file; a client id in both takes the file's secret and grant.
+    """
     keys_file = keys_file or KeysFile()
     source_keys: dict[str, tuple[bytes, ...]] = {
         name: tuple(_secrets(src.api_keys)) for name, src in settings.sources.items()
     }
     for name, src in keys_file.sources.items():
         source_keys[name] = source_keys.get(name, ()) + tuple(_secrets(src.api_keys))
-    clients: dict[str, tuple[bytes, str]] = {
-        cid: (digest(s.get_secret_value()), ANY_SOURCE) for cid, s in settings.oauth_clients.items()
-    }
-    for name, env_src in settings.sources.items():
-        for cid, s in env_src.oauth_clients.items():
-            clients[cid] = (digest(s.get_secret_value()), name)
-    for cid, s in keys_file.oauth_clients.items():
-        clients[cid] = (digest(s.get_secret_value()), ANY_SOURCE)
-    for name, file_src in keys_file.sources.items():
-        for cid, s in file_src.oauth_clients.items():
-            clients[cid] = (digest(s.get_secret_value()), name)
+    clients = _client_grants(
+        "the environment",
+        settings.oauth_clients,
+        "RELAY_OAUTH_CLIENTS",
+        {name: src.oauth_clients for name, src in settings.sources.items()},
+        "RELAY_SOURCES.{}",
+    )
+    clients.update(
+        _client_grants(
+            "the keys file",
+            keys_file.oauth_clients,
+            "oauth_clients",
+            {name: src.oauth_clients for name, src in keys_file.sources.items()},
+            "sources.{}",
+        )
+    )
     signing = [k.get_secret_value().encode() for k in keys_file.oauth_signing_keys]
     if settings.oauth_signing_key is not None:
         env_key = settings.oauth_signing_key.get_secret_value().encode()

@@ -24,6 +24,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client import Gauge
 
+from audience_relay import kafka
+from audience_relay.settings import Settings
+
 log = logging.getLogger("audience_relay.lag")
 
 LAG = Gauge(
@@ -59,8 +62,8 @@ def partition_lag(
 class LagMonitor:
     """Reads ``group``'s lag on ``topics`` every ``interval`` seconds into ``relay_consumer_lag``."""
 
-    def __init__(self, bootstrap: str, group: str, topics: list[str], interval: float = 15.0) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, settings: Settings, group: str, topics: list[str], interval: float = 15.0) -> None:
+        self.settings = settings
         self.group = group
         self.topics = topics
         self.interval = interval
@@ -70,10 +73,8 @@ class LagMonitor:
 
     async def _clients(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
         if self._admin is None or self._consumer is None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="audience-relay-lag")
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap, client_id="audience-relay-lag", enable_auto_commit=False
-            )
+            admin = kafka.admin(self.settings, client_id="audience-relay-lag")
+            consumer = kafka.consumer(self.settings, client_id="audience-relay-lag")
             try:
                 await admin.start()
                 await consumer.start()

@@ -7,6 +7,8 @@ settings object never shows them.
 
 from __future__ import annotations
 
+import os
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,9 +16,13 @@ import orjson
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from audience_relay.names import SINK_WEB_PORTS
+
 MiB = 1024 * 1024
 #: How a destination's identifier is sent: as it is, or the SHA-256 of its normalized value (hex).
 IdentifierHash = Literal["none", "sha256"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 def _split_csv(value: Any) -> Any:
@@ -64,7 +70,22 @@ class SourceAuth(BaseSettings):
     oauth_clients: dict[str, SecretStr] = Field(default_factory=dict)
 
 
-class Settings(BaseSettings):
+class LocalSettings(BaseSettings):
+    """The settings of the local broker: all ``audience-relay kafka …`` reads.
+
+    A model of its own so those commands neither load nor validate anything else: a bad unrelated
+    variable must not stop ``kafka status``.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    local_dir: Path = Field(Path(".local"), validation_alias=AliasChoices("RELAY_LOCAL_DIR", "local_dir"))
+    local_kafka_port: int = Field(
+        9092, ge=1, le=65535, validation_alias=AliasChoices("RELAY_LOCAL_KAFKA_PORT", "local_kafka_port")
+    )
+
+
+class Settings(LocalSettings):
     """Every setting an operator can change, with its environment variable."""
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
@@ -72,6 +93,45 @@ class Settings(BaseSettings):
     # --- Kafka ------------------------------------------------------------------------------
     kafka_bootstrap_servers: str = Field(
         "localhost:9092", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers")
+    )
+    #: Kafka's ``security.protocol``: TLS and/or SASL on the connection to every broker.
+    kafka_security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT",
+        validation_alias=AliasChoices("KAFKA_SECURITY_PROTOCOL", "kafka_security_protocol"),
+    )
+    #: Kafka's ``sasl.mechanism``; only with a SASL protocol, where it defaults to PLAIN.
+    kafka_sasl_mechanism: SaslMechanism | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SASL_MECHANISM", "kafka_sasl_mechanism")
+    )
+    kafka_sasl_username: str | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SASL_USERNAME", "kafka_sasl_username")
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SASL_PASSWORD", "kafka_sasl_password")
+    )
+    #: PEM file of the CA(s) that signed the brokers' certificates; unset: the system's trust store.
+    kafka_ssl_ca_file: Path | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SSL_CA_FILE", "kafka_ssl_ca_file")
+    )
+    #: Client certificate (PEM) for mutual TLS; the key may be in the same file.
+    kafka_ssl_cert_file: Path | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SSL_CERT_FILE", "kafka_ssl_cert_file")
+    )
+    kafka_ssl_key_file: Path | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SSL_KEY_FILE", "kafka_ssl_key_file")
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SSL_KEY_PASSWORD", "kafka_ssl_key_password")
+    )
+    #: Check that a broker's certificate names the host connected to (the chain is always verified).
+    kafka_ssl_check_hostname: bool = Field(
+        True, validation_alias=AliasChoices("KAFKA_SSL_CHECK_HOSTNAME", "kafka_ssl_check_hostname")
+    )
+    #: How long a component waits for an unreachable broker at start before it exits (69).
+    startup_timeout_seconds: float = Field(
+        15.0,
+        gt=0,
+        validation_alias=AliasChoices("RELAY_STARTUP_TIMEOUT_SECONDS", "startup_timeout_seconds"),
     )
     topic_prefix: str = Field(
         "lytics",
@@ -83,6 +143,10 @@ class Settings(BaseSettings):
     )
     replication_factor: int = Field(
         1, ge=1, validation_alias=AliasChoices("RELAY_REPLICATION_FACTOR", "replication_factor")
+    )
+    #: ``min.insync.replicas`` of every topic ``topics create`` makes, when above 1.
+    min_insync_replicas: int = Field(
+        1, ge=1, validation_alias=AliasChoices("RELAY_MIN_INSYNC_REPLICAS", "min_insync_replicas")
     )
     raw_retention_hours: int = Field(
         168, ge=1, validation_alias=AliasChoices("RELAY_RAW_RETENTION_HOURS", "raw_retention_hours")
@@ -333,8 +397,9 @@ class Settings(BaseSettings):
         default_factory=list,
         validation_alias=AliasChoices("ANALYTICS_AUDIENCES_EXCLUDE", "analytics_audiences_exclude"),
     )
-    sink_web_port: int = Field(
-        9108, ge=0, le=65535, validation_alias=AliasChoices("RELAY_SINK_WEB_PORT", "sink_web_port")
+    #: Unset: each sink its own default (``names.SINK_WEB_PORTS``: pushly 9108, odp 9109, analytics 9110).
+    sink_web_port: int | None = Field(
+        None, ge=0, le=65535, validation_alias=AliasChoices("RELAY_SINK_WEB_PORT", "sink_web_port")
     )
     sink_do_not_retry: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [400, 404, 413],
@@ -357,13 +422,14 @@ class Settings(BaseSettings):
 
     # --- Operations -------------------------------------------------------------------------
     log_level: str = Field("INFO", validation_alias=AliasChoices("RELAY_LOG_LEVEL", "log_level"))
+    #: A repeated warning/error (same logger and text) is written at most once per this many
+    #: seconds, with the count of those left out (audience_relay/logs.py); 0 writes every one.
+    log_repeat_seconds: float = Field(
+        30.0, ge=0, validation_alias=AliasChoices("RELAY_LOG_REPEAT_SECONDS", "log_repeat_seconds")
+    )
     #: How often a worker or sink reads its consumer group's lag (relay_consumer_lag).
     lag_interval_seconds: float = Field(
         15.0, gt=0, validation_alias=AliasChoices("RELAY_LAG_INTERVAL_SECONDS", "lag_interval_seconds")
-    )
-    local_dir: Path = Field(Path(".local"), validation_alias=AliasChoices("RELAY_LOCAL_DIR", "local_dir"))
-    local_kafka_port: int = Field(
-        9092, ge=1, le=65535, validation_alias=AliasChoices("RELAY_LOCAL_KAFKA_PORT", "local_kafka_port")
     )
 
     @field_validator("ingress_api_keys", mode="before")
@@ -425,6 +491,55 @@ class Settings(BaseSettings):
             raise ValueError("RELAY_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return level
 
+    @field_validator("kafka_security_protocol", mode="before")
+    @classmethod
+    def _protocol_name(cls, value: Any) -> Any:
+        # Kafka spells these in capitals; accept any case, and an empty variable as the default.
+        if isinstance(value, str):
+            return value.strip().upper() or "PLAINTEXT"
+        return value
+
+    @field_validator("kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _mechanism_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip().upper() or None
+        return value
+
+    @field_validator(
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_ca_file",
+        "kafka_ssl_cert_file",
+        "kafka_ssl_key_file",
+        "kafka_ssl_key_password",
+        "sink_web_port",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # An empty variable (``KAFKA_SSL_CA_FILE=``, common in compose files) means "not set",
+        # not the current directory.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _kafka(self) -> Settings:
+        problems = kafka_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _replicas(self) -> Settings:
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(
+                f"RELAY_MIN_INSYNC_REPLICAS={self.min_insync_replicas} is above "
+                f"RELAY_REPLICATION_FACTOR={self.replication_factor}: every acknowledged write would fail"
+            )
+        return self
+
     @model_validator(mode="after")
     def _source_names(self) -> Settings:
         for name in self.sources:
@@ -439,6 +554,20 @@ class Settings(BaseSettings):
                 "or neither to serve plain HTTP"
             )
         return self
+
+    @property
+    def sasl(self) -> bool:
+        """True when the connection to Kafka authenticates with SASL."""
+        return self.kafka_security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @property
+    def tls(self) -> bool:
+        """True when the connection to Kafka is encrypted with TLS."""
+        return self.kafka_security_protocol in ("SSL", "SASL_SSL")
+
+    def sink_port(self, name: str) -> int:
+        """The web port of the sink ``name``: ``RELAY_SINK_WEB_PORT``, else that sink's own default."""
+        return self.sink_web_port if self.sink_web_port is not None else SINK_WEB_PORTS[name]
 
     def to_env(self) -> dict[str, str]:
         """These settings as environment variables, for starting another component as a process."""
@@ -459,3 +588,127 @@ class Settings(BaseSettings):
             or self.oauth_clients
             or any(s.api_keys or s.oauth_clients for s in self.sources.values())
         )
+
+
+def _readable(setting: str, path: Path) -> str | None:
+    if not path.exists():
+        return f"{setting}={path}: the file does not exist"
+    if not path.is_file():
+        return f"{setting}={path}: not a file"
+    if not os.access(path, os.R_OK):
+        return f"{setting}={path}: the file cannot be read (permissions)"
+    return None
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    return str(exc.reason or exc.strerror or exc).lower()
+
+
+def kafka_problems(s: Settings) -> list[str]:
+    """Every mistake in the Kafka connection settings, one sentence each naming the setting to fix.
+
+    Reads the TLS files (a CA, certificate or key that cannot be used is found here, at start,
+    rather than at the first connection); never puts a secret in a message.
+    """
+    problems: list[str] = []
+    protocol = s.kafka_security_protocol
+    for entry in s.kafka_bootstrap_servers.split(","):
+        host, sep, port = entry.strip().rpartition(":")
+        if not entry.strip() or (sep and (not host or not port.isdigit() or not 0 < int(port) < 65536)):
+            problems.append(
+                f"KAFKA_BOOTSTRAP_SERVERS={s.kafka_bootstrap_servers!r}: expected host:port[,host:port…]"
+            )
+            break
+    if s.sasl:
+        missing = [
+            name
+            for name, value in (
+                ("KAFKA_SASL_USERNAME", s.kafka_sasl_username),
+                (
+                    "KAFKA_SASL_PASSWORD",
+                    s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else "",
+                ),
+            )
+            if not value
+        ]
+        if missing:
+            problems.append(f"KAFKA_SECURITY_PROTOCOL={protocol} needs {' and '.join(missing)}")
+    else:
+        for name, value in (
+            ("KAFKA_SASL_MECHANISM", s.kafka_sasl_mechanism),
+            ("KAFKA_SASL_USERNAME", s.kafka_sasl_username),
+            ("KAFKA_SASL_PASSWORD", s.kafka_sasl_password),
+        ):
+            if value is not None:
+                problems.append(
+                    f"{name} is set but KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL: "
+                    "set KAFKA_SECURITY_PROTOCOL to SASL_SSL (or SASL_PLAINTEXT)"
+                )
+    files = (
+        ("KAFKA_SSL_CA_FILE", s.kafka_ssl_ca_file),
+        ("KAFKA_SSL_CERT_FILE", s.kafka_ssl_cert_file),
+        ("KAFKA_SSL_KEY_FILE", s.kafka_ssl_key_file),
+    )
+    if not s.tls:
+        tls_options: tuple[tuple[str, object], ...] = (
+            *files,
+            ("KAFKA_SSL_KEY_PASSWORD", s.kafka_ssl_key_password),
+        )
+        for name, option in tls_options:
+            if option is not None:
+                problems.append(
+                    f"{name} is set but KAFKA_SECURITY_PROTOCOL={protocol} does not use TLS: "
+                    "set KAFKA_SECURITY_PROTOCOL to SSL or SASL_SSL"
+                )
+        return problems
+    unreadable: set[str] = set()
+    for name, path in files:
+        problem = _readable(name, path) if path is not None else None
+        if problem is not None:
+            unreadable.add(name)
+            problems.append(problem)
+    if s.kafka_ssl_key_file is not None and s.kafka_ssl_cert_file is None:
+        problems.append("KAFKA_SSL_KEY_FILE is set without KAFKA_SSL_CERT_FILE (the client certificate)")
+    if (
+        s.kafka_ssl_key_password is not None
+        and s.kafka_ssl_key_file is None
+        and s.kafka_ssl_cert_file is None
+    ):
+        problems.append("KAFKA_SSL_KEY_PASSWORD is set without KAFKA_SSL_KEY_FILE")
+    if s.kafka_ssl_ca_file is not None and "KAFKA_SSL_CA_FILE" not in unreadable:
+        try:
+            ssl.create_default_context(cafile=str(s.kafka_ssl_ca_file))
+        except ssl.SSLError as exc:
+            problems.append(
+                f"KAFKA_SSL_CA_FILE={s.kafka_ssl_ca_file}: holds no usable PEM CA certificate "
+                f"({_ssl_reason(exc)})"
+            )
+    cert, key = s.kafka_ssl_cert_file, s.kafka_ssl_key_file
+    if cert is not None and not {"KAFKA_SSL_CERT_FILE", "KAFKA_SSL_KEY_FILE"} & unreadable:
+        password = s.kafka_ssl_key_password.get_secret_value() if s.kafka_ssl_key_password else ""
+        try:
+            # A password (empty when unset) is always passed: without one OpenSSL would prompt on
+            # the terminal for an encrypted key.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+                str(cert), str(key) if key else None, password=password
+            )
+        except ssl.SSLError as exc:
+            reason = _ssl_reason(exc)
+            # OpenSSL reports a key it cannot decrypt only as a "PEM lib" error: look at the file.
+            encrypted = b"ENCRYPTED" in (key or cert).read_bytes()
+            if "mismatch" in reason:
+                problems.append(
+                    f"KAFKA_SSL_KEY_FILE={key}: not the private key of KAFKA_SSL_CERT_FILE={cert}"
+                )
+            elif encrypted:
+                problems.append(
+                    f"KAFKA_SSL_KEY_FILE={key or cert}: the key is encrypted and KAFKA_SSL_KEY_PASSWORD "
+                    + ("does not decrypt it" if password else "is not set")
+                )
+            else:
+                problems.append(
+                    f"KAFKA_SSL_CERT_FILE={cert}"
+                    + (f" / KAFKA_SSL_KEY_FILE={key}" if key else "")
+                    + f": not a usable PEM certificate and key ({reason})"
+                )
+    return problems

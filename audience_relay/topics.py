@@ -1,4 +1,10 @@
-"""The Kafka topics of the design, their names under ``RELAY_TOPIC_PREFIX`` and their configs."""
+"""The Kafka topics of the design and their configs (names: ``audience_relay.names``).
+
+Replication: every topic gets ``RELAY_REPLICATION_FACTOR`` replicas and, when
+``RELAY_MIN_INSYNC_REPLICAS`` is above 1, that ``min.insync.replicas``; at 1 the broker's own
+default applies (so a cluster-wide stricter default is not lowered). Every producer of the relay
+writes with acks=all, so a write is acknowledged only once that many replicas hold it.
+"""
 
 from __future__ import annotations
 
@@ -9,43 +15,14 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from audience_relay import kafka
+from audience_relay.names import TopicNames
 from audience_relay.settings import Settings
+
+__all__ = ["TopicNames", "TopicResult", "TopicSpec", "create_topics", "replica_configs", "topic_specs"]
 
 log = logging.getLogger(__name__)
 HOUR_MS = 3_600_000
-
-
-@dataclass(frozen=True)
-class TopicNames:
-    """Every topic name, derived from the prefix once."""
-
-    raw: str
-    segment_events: str
-    dead_letter: str
-    membership_changes: str
-    membership: str
-    analytics: str
-    #: Field-change events (FieldChange v1, keyed by identifier), for the analytics sink.
-    field_changes: str
-    #: Last delivery outcome per identifier, audience and destination (compacted; sinks/deliver.py).
-    deliveries: str
-    #: The membership table's changelog (faust names it ``<app id>-<table>-changelog``).
-    changelog: str
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TopicNames:
-        p = settings.topic_prefix
-        return cls(
-            raw=f"{p}.webhooks.raw",
-            segment_events=f"{p}.segment-events",
-            dead_letter=f"{p}.dead-letter",
-            membership_changes=f"{p}.membership-changes",
-            membership=f"{p}.membership",
-            analytics=settings.analytics_topic or f"{p}.analytics",
-            field_changes=f"{p}.field-changes",
-            deliveries=f"{p}.deliveries",
-            changelog=f"{p}-processors-membership-changelog",
-        )
 
 
 @dataclass(frozen=True)
@@ -57,13 +34,21 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
+def replica_configs(settings: Settings) -> dict[str, str]:
+    """Topic configs for ``RELAY_MIN_INSYNC_REPLICAS`` (none at 1: the broker's default stands)."""
+    if settings.min_insync_replicas > 1:
+        return {"min.insync.replicas": str(settings.min_insync_replicas)}
+    return {}
+
+
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     """The topics of the design with ``RELAY_PARTITIONS`` partitions and their configs."""
     names = TopicNames.from_settings(settings)
     n = settings.partitions
     # Raw bodies may be as large as the ingress accepts; leave room for headers and batch overhead.
     big = str(settings.max_body_bytes + 1024 * 1024)
-    return [
+    replicas = replica_configs(settings)
+    specs = [
         TopicSpec(
             names.raw,
             n,
@@ -95,6 +80,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # the agent with PartitionsMismatch (seen on a freshly started broker).
         TopicSpec(names.changelog, n, {"cleanup.policy": "compact"}),
     ]
+    return [TopicSpec(s.name, s.partitions, {**s.config, **replicas}) for s in specs]
 
 
 @dataclass(frozen=True)
@@ -123,9 +109,7 @@ async def _described_counts(
 
 async def create_topics(settings: Settings) -> list[TopicResult]:
     """Create every missing topic; report existing ones with their partition count."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers, client_id="audience-relay-admin"
-    )
+    admin = kafka.admin(settings, client_id="audience-relay-admin")
     await admin.start()
     try:
         specs = topic_specs(settings)

@@ -35,6 +35,7 @@ import orjson
 from aiohttp import web
 
 from audience_relay.kafkautil import produce_all, topic_size
+from audience_relay.names import SINKS
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import IngressProcess, arguments, bench_settings, broker, http_post_loop
@@ -155,10 +156,10 @@ async def preload_changes(settings: Settings, users: int, audiences: int) -> Non
             }
             chunk.append((ident.encode(), orjson.dumps(change), [("change-id", change_id.encode())]))
             if len(chunk) >= 50_000:
-                await produce_all(settings.kafka_bootstrap_servers, topic, chunk)
+                await produce_all(settings, topic, chunk)
                 chunk = []
     if chunk:
-        await produce_all(settings.kafka_bootstrap_servers, topic, chunk)
+        await produce_all(settings, topic, chunk)
 
 
 def spawn(settings: Settings, args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
@@ -196,9 +197,7 @@ async def main() -> None:
         action="store_true",
         help="write the changes straight into membership-changes and run only the sinks",
     )
-    parser.add_argument(
-        "--destinations", default="pushly,odp,analytics", help="the sinks to run (comma-separated)"
-    )
+    parser.add_argument("--destinations", default=",".join(SINKS), help="the sinks to run (comma-separated)")
     args = parser.parse_args()
     expected = args.users * args.audiences
     chosen = [d.strip() for d in args.destinations.split(",") if d.strip()]

@@ -20,9 +20,10 @@ import uuid
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
 
+from audience_relay import kafka
 from audience_relay.kafkautil import topic_size
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import arguments, broker
@@ -58,11 +59,13 @@ async def preload(settings: Settings, identifiers: int, audiences: int) -> int:
     """Changelog and membership records for every identifier; returns the memberships written."""
     names = TopicNames.from_settings(settings)
     changelog = parts.changelog_topic(settings)  # created with the others by create_topics
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+    producer = kafka.producer(
+        settings,
         linger_ms=20,
         max_batch_size=1 << 20,
         max_request_size=16 << 20,
+        # Preloading test data: leader-only acks are enough and faster.
+        enable_idempotence=False,
         acks=1,
     )
     await producer.start()
@@ -77,7 +80,7 @@ async def preload(settings: Settings, identifiers: int, audiences: int) -> int:
                     changelog,
                     orjson.dumps(value),
                     key=orjson.dumps(ident),
-                    partition=parts.partition_for(ident.encode(), settings.partitions),
+                    partition=partition_for(ident, settings.partitions),
                 )
             )
             for record in emitted:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import orjson
 import psutil
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
+from audience_relay import kafka
 from audience_relay.kafkautil import end_offsets, produce_all, topic_size
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import arguments, bench_settings, broker, percentile
@@ -66,7 +67,7 @@ async def change_latencies(
     bootstrap: str, raw_topic: str, changes_topic: str, since: dict[int, int]
 ) -> list[float]:
     """For changes after ``since``: change timestamp minus its raw record's timestamp (by request id)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = kafka.consumer(bootstrap)
     await consumer.start()
     try:
         raw_ts: dict[str, int] = {}

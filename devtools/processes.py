@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from audience_relay import kafka
 from audience_relay.kafkautil import group_lag, read_topic
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from devtools.localkafka import free_port
@@ -26,6 +27,8 @@ class Component:
 
     def __init__(self, settings: Settings, args: list[str], log: Path, **overrides: str) -> None:
         env = {**os.environ, **settings.to_env(), **overrides}
+        #: The environment it runs with (e.g. the web port ``start_worker`` chose).
+        self.env = env
         self.log = log
         self._fh = log.open("ab")
         self.proc = subprocess.Popen(
@@ -72,7 +75,7 @@ def start_worker(settings: Settings, tmp: Path, name: str = "w1", **env: str) ->
 async def wait_caught_up(settings: Settings, workers: list[Component], timeout: float = 180) -> None:
     """Until the processors' group has committed everything in the raw and segment topics."""
     names = TopicNames.from_settings(settings)
-    group = f"{settings.topic_prefix}-processors"
+    group = GroupNames.from_settings(settings).processors
     lag = -1
 
     async def done() -> bool:
@@ -80,7 +83,7 @@ async def wait_caught_up(settings: Settings, workers: list[Component], timeout: 
         for w in workers:
             assert w.alive(), f"worker died; see {w.log}:\n{w.log.read_text()[-3000:]}"
         try:
-            lag = await group_lag(settings.kafka_bootstrap_servers, group, [names.raw, names.segment_events])
+            lag = await group_lag(settings, group, [names.raw, names.segment_events])
         except KafkaError:  # e.g. the group coordinator is still being elected
             return False
         return lag == 0
@@ -133,19 +136,19 @@ async def wait_for_outputs(
 
 async def changelog_table(settings: Settings) -> dict[str, Any]:
     """The membership table as its changelog holds it (last value per key)."""
-    topic = f"{settings.topic_prefix}-processors-membership-changelog"
+    topic = TopicNames.from_settings(settings).changelog
     out: dict[str, Any] = {}
-    for r in await read_topic(settings.kafka_bootstrap_servers, topic):
+    for r in await read_topic(settings, topic):
         out[orjson.loads(r.key)] = orjson.loads(r.value) if r.value is not None else None
     return out
 
 
 async def group_state(settings: Settings) -> tuple[str, int]:
     """(state, member count) of the processors' consumer group."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = kafka.admin(settings)
     await admin.start()
     try:
-        [response] = await admin.describe_consumer_groups([f"{settings.topic_prefix}-processors"])
+        [response] = await admin.describe_consumer_groups([GroupNames.from_settings(settings).processors])
     finally:
         await admin.close()
     _, _, state, _, _, members, *_ = response.groups[0]
@@ -170,7 +173,7 @@ async def wait_group(settings: Settings, members: int, timeout: float = 120) -> 
 
 
 async def read_json(settings: Settings, topic: str) -> list[dict[str, Any]]:
-    return [orjson.loads(r.value) for r in await read_topic(settings.kafka_bootstrap_servers, topic)]
+    return [orjson.loads(r.value) for r in await read_topic(settings, topic)]
 
 
 def raw_headers(request_id: str) -> list[tuple[str, bytes]]:

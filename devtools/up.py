@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,10 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
+from audience_relay import signals
 from audience_relay.kafkautil import end_offsets, group_lag, read_topic, topic_size
+from audience_relay.names import SINKS, GroupNames
+from audience_relay.preflight import run_preflight
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import LocalKafka, free_port
@@ -63,11 +65,11 @@ async def post_samples(
 
 async def _show_outputs(settings: Settings, names: TopicNames, marks: dict[str, dict[int, int]]) -> int:
     """Wait until the worker has processed everything, then show what this run added."""
-    group = f"{settings.topic_prefix}-processors"
+    group = GroupNames.from_settings(settings).processors
     deadline = time.monotonic() + 120
     while True:
         try:
-            lag = await group_lag(settings.kafka_bootstrap_servers, group, [names.raw, names.segment_events])
+            lag = await group_lag(settings, group, [names.raw, names.segment_events])
         except KafkaError:
             lag = -1
         if lag == 0:
@@ -77,9 +79,8 @@ async def _show_outputs(settings: Settings, names: TopicNames, marks: dict[str, 
             print(f"the worker is still {lag} record(s) behind; see {log_file}")
             return 0
         await asyncio.sleep(0.5)  # polling the group's committed offsets
-    bootstrap = settings.kafka_bootstrap_servers
-    events = await read_topic(bootstrap, names.segment_events, marks[names.segment_events])
-    changes = await read_topic(bootstrap, names.membership_changes, marks[names.membership_changes])
+    events = await read_topic(settings, names.segment_events, marks[names.segment_events])
+    changes = await read_topic(settings, names.membership_changes, marks[names.membership_changes])
     print(
         f"{names.segment_events}: {len(events)} new segment event(s); "
         f"{names.membership_changes}: {len(changes)} new change(s)"
@@ -90,7 +91,7 @@ async def _show_outputs(settings: Settings, names: TopicNames, marks: dict[str, 
             f"  change {change['change']:8s} {change['identifier']} audience {change['audience_slug']}"
             f" (change id {change['change_id']})"
         )
-    for record in await read_topic(bootstrap, names.dead_letter, marks[names.dead_letter]):
+    for record in await read_topic(settings, names.dead_letter, marks[names.dead_letter]):
         headers = dict(record.headers)
         code, reason = headers.get("reason-code", b"?").decode(), headers.get("reason", b"").decode()
         print(f"  dead-letter {code}: {reason}")
@@ -141,10 +142,14 @@ class LocalReceiver:
 
 def _spawn(settings: Settings, args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = settings.to_env()
+    if "worker_web_port" not in settings.model_fields_set:
+        # Left at its default, the worker may fall back to a free port when 6066 is taken.
+        env.pop("RELAY_WORKER_WEB_PORT", None)
     with log_path.open("ab") as log_file:
         return subprocess.Popen(
             [sys.executable, "-m", "audience_relay.cli", *args],
-            env={**os.environ, **settings.to_env()},
+            env={**os.environ, **env},
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -180,10 +185,9 @@ async def _run(settings: Settings, samples_dir: Path, keep_running: bool) -> int
     app = build_app(settings)
     logs = settings.local_dir / "logs"
     procs = {"worker": _spawn(settings, ["worker"], logs / "worker.log")}
-    for sink in ("pushly", "odp", "analytics"):
-        # Each sink process serves /metrics on a port of its own.
-        sink_settings = settings.model_copy(update={"sink_web_port": free_port()})
-        procs[f"sink {sink}"] = _spawn(sink_settings, ["sink", sink], logs / f"sink-{sink}.log")
+    for sink in SINKS:
+        # Each sink serves /metrics on its own default port (or a free one when that is taken).
+        procs[f"sink {sink}"] = _spawn(settings, ["sink", sink], logs / f"sink-{sink}.log")
     print(f"worker and sinks started (logs in {logs})")
     try:
         return await _serve(settings, app, names, samples_dir, keep_running, receivers)
@@ -206,7 +210,7 @@ async def _serve(
     receivers: list[LocalReceiver],
 ) -> int:
     from ingress.app import PUBLISHER
-    from ingress.server import start_listeners
+    from ingress.server import reload_secrets, start_listeners
 
     listeners = await start_listeners(app, settings)
     try:
@@ -216,15 +220,15 @@ async def _serve(
         scheme = "https" if listeners.tls else "http"
         base = f"{scheme}://{host}:{settings.ingress_port}"
         print(f"ingress listening on {base}/v1/lytics")
-        before = await topic_size(settings.kafka_bootstrap_servers, names.raw)
+        before = await topic_size(settings, names.raw)
         marks = {
-            t: await end_offsets(settings.kafka_bootstrap_servers, t)
+            t: await end_offsets(settings, t)
             for t in (names.segment_events, names.membership_changes, names.dead_letter)
         }
         key = settings.ingress_api_keys[0].get_secret_value()
         for name, status in await post_samples(base, key, load_samples(samples_dir)):
             print(f"POST {name:45s} -> {status}")
-        added = await topic_size(settings.kafka_bootstrap_servers, names.raw) - before
+        added = await topic_size(settings, names.raw) - before
         print(f"{names.raw} now holds {added} new record(s); the worker is processing them")
         new_changes = await _show_outputs(settings, names, marks)
         deadline = time.monotonic() + 60
@@ -236,10 +240,14 @@ async def _serve(
         if keep_running:
             print("serving; press Ctrl-C to stop")
             stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+            remove_handlers = signals.install(
+                asyncio.get_running_loop(),
+                "up",
+                stop=stop.set,
+                reload=lambda: reload_secrets(listeners, settings),
+            )
             await stop.wait()
+            remove_handlers()
     finally:
         await listeners.close()
     return 0
@@ -258,6 +266,8 @@ def run_up(settings: Settings, *, samples: str, keep_running: bool, keep_broker:
         # A throw-away key for this local run only; it is never printed.
         settings = settings.model_copy(update={"ingress_api_keys": [SecretStr(secrets.token_urlsafe(24))]})
     try:
+        # An unreachable or misconfigured cluster ends here with one line and its exit code.
+        run_preflight(settings)
         return asyncio.run(_run(settings, Path(samples), keep_running))
     finally:
         if broker is not None and not keep_broker:

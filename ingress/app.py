@@ -4,6 +4,12 @@ Route → handler → ``Publisher.send``. The handler reads no more of a request
 authenticates from the headers, refuses an oversized body from its Content-Length before reading it,
 checks that the body is a JSON object or array of objects, and produces the *unchanged* bytes to
 ``<prefix>.webhooks.raw`` with the receipt metadata in Kafka headers.
+
+Memory is bounded by the settings, not by the clients: a body is read only into bytes reserved
+beforehand from the in-flight budget (``RELAY_MAX_INFLIGHT_BYTES``) — all of a declared
+Content-Length before the first byte is read, or chunk by chunk for a chunked body — and a request
+that does not fit is answered 429 at once, without reading the rest. The unauthenticated token
+endpoint reads at most ``TOKEN_BODY_LIMIT`` bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 import orjson
 from aiohttp import web
@@ -28,7 +34,6 @@ from audience_relay.topics import TopicNames
 from ingress import metrics
 from ingress.access import PRINCIPAL, access_middleware
 from ingress.errors import error_response, request_id_of
-from ingress.guard import deadline_middleware
 from ingress.publisher import BrokerUnavailable, Headers, Publisher
 from ingress.ratelimit import RateLimiter
 from ingress.validation import body_problem
@@ -44,24 +49,43 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 
 
+#: The most the token endpoint reads: a client-credentials request is a few hundred bytes.
+TOKEN_BODY_LIMIT = 4096
+
+
 class InflightBudget:
-    """Caps the bytes read from clients but not yet acknowledged by Kafka (backpressure → 429)."""
+    """Caps the bytes read from clients but not yet acknowledged by Kafka (backpressure → 429).
+
+    A hard cap: bytes are reserved *before* they are read, and ``used`` never exceeds ``limit``
+    (``build_app`` refuses a ``RELAY_MAX_BODY_BYTES`` over it, so every body can fit alone).
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        #: The most ever reserved at once (never above ``limit``).
+        self.peak = 0
 
     def try_acquire(self, n: int) -> bool:
-        # One request larger than the whole budget may still pass alone, or it could never pass.
-        if self.used and self.used + n > self.limit:
+        if self.used + n > self.limit:
             return False
         self.used += n
+        self.peak = max(self.peak, self.used)
         metrics.INFLIGHT_BYTES.set(self.used)
         return True
 
     def release(self, n: int) -> None:
         self.used -= n
         metrics.INFLIGHT_BYTES.set(self.used)
+
+
+class _Refused(Exception):
+    """A body that cannot be read within the limits: answered ``status`` (429 or 413)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
 
 
 BUDGET = web.AppKey("budget", InflightBudget)
@@ -139,25 +163,27 @@ async def _receive(request: web.Request, source: str) -> web.Response:
         )
 
     budget = app[BUDGET]
-    reserved = declared or 0
-    if not budget.try_acquire(reserved):
-        return _error(429, "busy", "too many bytes in flight; retry later", request_id, retry_after)
+    reservation = _Reservation(budget)
     try:
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            log.warning(
-                "body over the size limit",
-                extra={"request_id": request_id, "source": source, "limit": settings.max_body_bytes},
+            body = await _read_reserved(request, reservation, settings.max_body_bytes)
+        except _Refused as refused:
+            # A 429 is backpressure (counted by relay_ingress_requests_total); a 413 is worth a look.
+            log.log(
+                logging.INFO if refused.status == 429 else logging.WARNING,
+                "body refused",
+                extra={
+                    "request_id": request_id,
+                    "source": source,
+                    "status": refused.status,
+                    "bytes_read": reservation.held,
+                    "limit": settings.max_body_bytes,
+                    "inflight_limit": budget.limit,
+                },
             )
-            return _error(
-                413, "body_too_large", f"the body is over the limit of {settings.max_body_bytes}", request_id
-            )
-        if declared is None:
-            reserved = len(body)
-            if not budget.try_acquire(reserved):
-                reserved = 0
-                return _error(429, "busy", "too many bytes in flight; retry later", request_id, retry_after)
+            if refused.status == 429:
+                return _error(429, "busy", refused.detail, request_id, retry_after)
+            return _error(413, "body_too_large", refused.detail, request_id)
 
         received_at = datetime.now(UTC)
         content_type = request.headers.get("Content-Type", "")
@@ -197,7 +223,48 @@ async def _receive(request: web.Request, source: str) -> web.Response:
             headers={"X-Request-Id": request_id},
         )
     finally:
-        budget.release(reserved)
+        reservation.release()
+
+
+class _Reservation:
+    """The bytes one request holds in the in-flight budget, released once when it is answered."""
+
+    def __init__(self, budget: InflightBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        if not self.budget.try_acquire(n):
+            return False
+        self.held += n
+        return True
+
+    def release(self) -> None:
+        self.budget.release(self.held)
+        self.held = 0
+
+
+async def _read_reserved(request: web.Request, reservation: _Reservation, max_bytes: int) -> bytes:
+    """The whole body, every byte of it reserved before it was read; ``_Refused`` when it cannot be.
+
+    With a Content-Length the whole length is reserved up front (429 at once when it does not fit,
+    nothing read); a chunked body reserves each piece as it arrives and is refused at the first
+    piece that does not fit, or that takes it over ``max_bytes``. What aiohttp buffers per
+    connection before we read it is bounded by its read buffer (README "Memory").
+    """
+    declared = request.content_length
+    if declared is not None and not reservation.take(declared):
+        raise _Refused(429, "too many bytes in flight; retry later")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _Refused(413, f"the body is over the limit of {max_bytes}")
+        if declared is None and not reservation.take(len(chunk)):
+            raise _Refused(429, "too many bytes in flight; retry later")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def issue_token(request: web.Request) -> web.Response:
@@ -235,14 +302,33 @@ async def issue_token(request: web.Request) -> web.Response:
 
 
 async def _token_form(request: web.Request) -> dict[str, Any]:
-    """The token request's fields, from a JSON object or a form body (empty when neither)."""
+    """The token request's fields, from a JSON object or a form body (empty when neither).
+
+    Reads at most ``TOKEN_BODY_LIMIT`` bytes (413 from the Content-Length, or as soon as a chunked
+    body passes it): this route needs no credentials, so what it reads must not be the client's
+    choice. Raises ``web.HTTPRequestEntityTooLarge`` over the limit and ``ValueError`` for a body
+    that is neither JSON nor a URL-encoded form.
+    """
+    declared = request.content_length
+    if declared is not None and declared > TOKEN_BODY_LIMIT:
+        raise web.HTTPRequestEntityTooLarge(max_size=TOKEN_BODY_LIMIT, actual_size=declared)
+    body = b""
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > TOKEN_BODY_LIMIT:
+            raise web.HTTPRequestEntityTooLarge(max_size=TOKEN_BODY_LIMIT, actual_size=len(body))
     if request.content_type == "application/json":
         try:
-            loaded = orjson.loads(await request.read())
+            loaded = orjson.loads(body)
         except orjson.JSONDecodeError:
             return {}
         return loaded if isinstance(loaded, dict) else {}
-    return dict(await request.post())
+    if request.content_type.startswith("multipart/"):
+        raise ValueError("send the token request as a URL-encoded form or JSON")
+    try:
+        return dict(parse_qsl(body.decode(), keep_blank_values=True))
+    except UnicodeDecodeError:
+        raise ValueError("the form is not UTF-8") from None
 
 
 def _dumps(value: Any) -> str:
@@ -288,6 +374,12 @@ def build_app(
     ``/metrics`` is served here only when ``RELAY_INGRESS_METRICS_PORT`` equals the ingress port;
     otherwise it lives on the operations app (``build_ops_app``).
     """
+    if settings.max_body_bytes > settings.max_inflight_bytes:
+        raise ValueError(
+            f"RELAY_MAX_BODY_BYTES ({settings.max_body_bytes}) is over RELAY_MAX_INFLIGHT_BYTES "
+            f"({settings.max_inflight_bytes}): a body that size could never be admitted; raise the budget "
+            "or lower the body limit"
+        )
     auth = Authenticator(settings, allow_anonymous=insecure)
     limiter = RateLimiter(settings.ingress_rate_limit_per_second, settings.ingress_rate_limit_burst)
     # auto_decompress off: aiohttp would otherwise inflate a gzip/deflate body as it arrives (a
@@ -296,10 +388,8 @@ def build_app(
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         handler_args={"auto_decompress": False},
-        middlewares=[
-            deadline_middleware(settings.ingress_body_timeout_seconds),
-            access_middleware(auth, limiter),
-        ],
+        # The head and body deadlines are the listener's (ingress.guard.GuardedSite), for every app.
+        middlewares=[access_middleware(auth, limiter)],
     )
     app[SETTINGS] = settings
     app[TOPICS] = TopicNames.from_settings(settings)

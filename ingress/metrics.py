@@ -35,3 +35,8 @@ RATE_LIMITED = Counter(
     "relay_ingress_rate_limited_total", "Requests answered 429 by the per-source rate limit", ["source"]
 )
 KEY_RELOADS = Counter("relay_ingress_key_reloads_total", "Credential reloads (SIGHUP)", ["outcome"])
+BROKER_REACHABLE = Gauge(
+    "relay_ingress_kafka_reachable",
+    "1 while the ingress accepts webhooks; 0 while Kafka is known to be away (answered 503 at once) "
+    "or not yet connected",
+)

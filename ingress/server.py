@@ -7,23 +7,25 @@
 - SIGTERM/SIGINT: stop accepting, let in-flight requests finish, flush the producer.
 - SIGHUP: re-read the credentials (environment snapshot + ``RELAY_INGRESS_KEYS_FILE``) and the TLS
   certificate; a file that cannot be used is logged and the previous credentials stay in force.
+  (Both through ``audience_relay.signals``, like every long-running command.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import ssl
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from audience_relay import signals
 from audience_relay.keys import KeysFileError
 from audience_relay.settings import Settings
 from ingress import metrics
 from ingress.app import AUTH, build_app, build_ops_app
 from ingress.guard import ConnectionLimits, GuardedSite
+from ingress.memory import OPS_MAX_CONNECTIONS, memory_bound
 
 log = logging.getLogger("ingress")
 
@@ -100,6 +102,7 @@ async def start_listeners(app: web.Application, settings: Settings) -> Listeners
         max_connections=settings.ingress_max_connections,
         header_timeout=settings.ingress_header_timeout_seconds,
         retry_after=settings.retry_after_seconds,
+        body_timeout=settings.ingress_body_timeout_seconds,
     )
     site = GuardedSite(runner, settings.ingress_host, settings.ingress_port, limits, ssl_context=tls)
     await site.start()
@@ -109,9 +112,10 @@ async def start_listeners(app: web.Application, settings: Settings) -> Listeners
         ops_runner = web.AppRunner(build_ops_app(app), access_log=None, keepalive_timeout=30.0)
         await ops_runner.setup()
         ops_limits = ConnectionLimits(
-            max_connections=64,  # scrapers and probes; their own budget, apart from webhook clients
+            max_connections=OPS_MAX_CONNECTIONS,  # probes and scrapes: a budget of their own
             header_timeout=settings.ingress_header_timeout_seconds,
             retry_after=settings.retry_after_seconds,
+            body_timeout=settings.ingress_body_timeout_seconds,
             listener="ops",
         )
         ops_site = GuardedSite(ops_runner, settings.ingress_host, settings.ingress_metrics_port, ops_limits)
@@ -121,16 +125,8 @@ async def start_listeners(app: web.Application, settings: Settings) -> Listeners
 
 def reload_secrets(listeners: Listeners, settings: Settings) -> bool:
     """SIGHUP: swap in the credentials and TLS certificate as they are now; True if all went well."""
-    ok = True
-    try:
-        credentials = listeners.app[AUTH].reload()
-    except KeysFileError as exc:
-        ok = False
-        metrics.KEY_RELOADS.labels("failed").inc()
-        log.error("credentials not reloaded; the previous ones stay in force", extra={"error": str(exc)})
-    else:
-        metrics.KEY_RELOADS.labels("ok").inc()
-        log.info("credentials reloaded", extra=credentials.summary())
+    ok = listeners.app[AUTH].try_reload()
+    metrics.KEY_RELOADS.labels("ok" if ok else "failed").inc()
     if listeners.tls is not None:
         try:
             load_certificate(listeners.tls, settings)
@@ -148,25 +144,33 @@ async def serve(settings: Settings, *, insecure: bool = False) -> None:
     """Run the ingress until SIGTERM/SIGINT; SIGHUP reloads credentials and certificate."""
     try:
         app = build_app(settings, insecure=insecure)
-    except KeysFileError as exc:
+    except (KeysFileError, ValueError) as exc:  # unusable credentials, or limits that contradict
         raise SystemExit(f"refusing to start: {exc}") from None
-    credentials = app[AUTH].credentials
+    auth = app[AUTH]
+    credentials = auth.credentials
     if not credentials.any() and not insecure:
         raise SystemExit(
             "refusing to start: no credentials configured (set RELAY_INGRESS_API_KEYS, RELAY_OAUTH_CLIENTS, "
             "RELAY_SOURCES or RELAY_INGRESS_KEYS_FILE), or pass --insecure to accept unauthenticated requests"
         )
-    if insecure and not credentials.any():
-        log.warning("running with --insecure: every request is accepted without credentials")
+    if auth.allow_anonymous:
+        log.warning(
+            "running with --insecure and no credential configured: EVERY REQUEST IS ACCEPTED WITHOUT "
+            "CREDENTIALS (local use only)"
+        )
+    elif insecure:
+        log.warning("--insecure has no effect: credentials are configured and required")
     try:
         listeners = await start_listeners(app, settings)
     except TlsError as exc:
         raise SystemExit(f"refusing to start: {exc}") from None
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_secrets, listeners, settings)
+    remove_handlers = signals.install(
+        asyncio.get_running_loop(),
+        "ingress",
+        stop=stop.set,
+        reload=lambda: reload_secrets(listeners, settings),
+    )
     log.info(
         "ingress listening",
         extra={
@@ -174,6 +178,8 @@ async def serve(settings: Settings, *, insecure: bool = False) -> None:
             "port": listeners.site.port,
             "tls": listeners.tls is not None,
             "metrics_port": listeners.ops_site.port if listeners.ops_site else listeners.site.port,
+            # What these settings let the process grow to, whatever clients send (README "Memory").
+            "memory_bound_mib": memory_bound(settings) // (1024 * 1024),
             **credentials.summary(),
         },
     )
@@ -181,11 +187,10 @@ async def serve(settings: Settings, *, insecure: bool = False) -> None:
         await stop.wait()
         log.info("stopping: finishing in-flight requests")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        remove_handlers()
         await listeners.close()
 
 
 def run_server(settings: Settings, *, insecure: bool = False) -> None:
-    """``audience-relay ingress``."""
+    """``audience-relay ingress`` (``audience_relay.cli`` defers SIGHUP from the start)."""
     asyncio.run(serve(settings, insecure=insecure))

@@ -31,8 +31,10 @@ from faust.streams import _current_event  # no public way to name a table write'
 from faust.types import EventT, StreamT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from audience_relay import faustguard, kafka
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
-from audience_relay.topics import TopicNames
+from audience_relay.topics import TopicNames, replica_configs
 from processors import flow, metrics, offsets, operations
 from processors.membership import apply_event
 from processors.queries import advertised_url, register_queries
@@ -94,17 +96,19 @@ def _json(value: Any) -> bytes:
 
 def app_id(settings: Settings) -> str:
     """The faust app id: also the consumer group and the prefix of the changelog topic."""
-    return f"{settings.topic_prefix}-processors"
+    return GroupNames.from_settings(settings).processors
 
 
 def create_app(settings: Settings) -> faust.App:
     """The processors' faust app for ``settings`` (one per worker process)."""
     names = TopicNames.from_settings(settings)
-    scheme = offsets.SCHEME if settings.offset_guard else "kafka"
+    # Either transport guards its Kafka clients against broker outages (audience_relay/faustguard.py).
+    scheme = offsets.SCHEME if settings.offset_guard else faustguard.SCHEME
     app = flow.App(
         app_id(settings),
-        # relaykafka:// is faust's aiokafka transport with the offset guard (processors/offsets.py).
-        broker=[f"{scheme}://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
+        # relaykafka:// is faust's aiokafka transport with the offset guard (processors/offsets.py);
+        # the brokers and their credentials (SASL/TLS) come from the one client factory.
+        **kafka.faust_broker_settings(settings, scheme=scheme),
         store="rocksdb://" if settings.table_store == "rocksdb" else "memory://",
         # Tables live under the app id: a worker data dir shared by two prefixes must not mix them.
         datadir=str(settings.worker_data_dir / app_id(settings)),
@@ -146,6 +150,8 @@ def create_app(settings: Settings) -> faust.App:
         # faust's RocksDB defaults (64 MiB x 3 memtables and a 2 GiB block cache, per partition)
         # let memory grow with the table; bound them so RSS follows RELAY_TABLE_MEMORY_MB.
         options=_rocksdb_options(settings),
+        # Only used should faust create the changelog itself (topics create normally has).
+        extra_topic_configs=replica_configs(settings),
     )
     batch, within = settings.processor_batch, settings.processor_batch_ms / 1000
 

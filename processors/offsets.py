@@ -50,11 +50,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from faust.transport.drivers import TRANSPORTS
-from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
-from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP
 from mode import Service
 
+# faust's aiokafka consumer and transport, with clients guarded against broker outages.
+from audience_relay.faustguard import Consumer as AIOKafkaConsumer
+from audience_relay.faustguard import Transport as AIOKafkaTransport
 from processors import metrics
 
 log = logging.getLogger("processors.offsets")

@@ -18,6 +18,7 @@ import faust
 import orjson
 
 from audience_relay.lag import LagMonitor
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from processors import metrics
@@ -25,7 +26,7 @@ from processors import metrics
 
 def processors_group(settings: Settings) -> str:
     """The processors' consumer group: faust uses the app id."""
-    return f"{settings.topic_prefix}-processors"
+    return GroupNames.from_settings(settings).processors
 
 
 def readiness(app: faust.App) -> tuple[bool, str]:
@@ -81,7 +82,7 @@ def install(app: faust.App, settings: Settings, table: Any) -> None:
 
     names = TopicNames.from_settings(settings)
     monitor = LagMonitor(
-        settings.kafka_bootstrap_servers,
+        settings,
         processors_group(settings),
         [names.raw, names.segment_events],
         settings.lag_interval_seconds,

@@ -56,17 +56,21 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from aiokafka.partitioner import murmur2
 from tqdm import tqdm
 
+from audience_relay import kafka
+from audience_relay.exits import ExitCode
+from audience_relay.names import SINKS, GroupNames
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
-from audience_relay.topics import TopicNames
+from audience_relay.topics import TopicNames, replica_configs
+
+__all__ = ["partition_for"]  # the partitioner is audience_relay's; re-exported for the tool's callers
 
 MOVED_TO = "relay-moved-to"
 MOVED_FROM = "relay-moved-from"
-EXIT_REFUSED = 5
+EXIT_REFUSED = ExitCode.PARTITIONS_REFUSED
 _STATE_KEY = b"partitions"
-_SINKS = ("pushly", "odp", "analytics")
 
 
 class PartitionsError(Exception):
@@ -78,7 +82,7 @@ class PartitionsError(Exception):
 
 def processors_group(settings: Settings) -> str:
     """The processors' faust app id (= consumer group); the same as ``processors.app.app_id``."""
-    return f"{settings.topic_prefix}-processors"
+    return GroupNames.from_settings(settings).processors
 
 
 def changelog_topic(settings: Settings) -> str:
@@ -88,15 +92,10 @@ def changelog_topic(settings: Settings) -> str:
 
 def state_topic(settings: Settings) -> str:
     """The compacted topic recording an unfinished or finished partition move."""
-    return f"{settings.topic_prefix}.partitions"
+    return TopicNames.from_settings(settings).partition_moves
 
 
 # --- pure functions -------------------------------------------------------------------------------
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """The partition aiokafka's (and Java's) default partitioner picks for ``key``."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def changelog_partition_key(key: bytes) -> bytes:
@@ -297,15 +296,13 @@ def check(settings: Settings, topics: list[Topic], state: ClusterState, to: int)
 
 
 def _admin(settings: Settings) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers, client_id="audience-relay-partitions"
-    )
+    return kafka.admin(settings, client_id="audience-relay-partitions")
 
 
 def _consumer(settings: Settings) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
+    return kafka.consumer(
+        settings,
+        client_id="audience-relay-partitions",
         max_partition_fetch_bytes=16 << 20,
         fetch_max_bytes=64 << 20,
         # One partition is read at a time; a fetch waiting for data that will never come (the
@@ -355,7 +352,8 @@ async def read_state(settings: Settings, topics: list[Topic]) -> ClusterState:
         counts = await _counts(admin, [t.name for t in topics] + [names.analytics, state_topic(settings)])
         analytics = counts.pop(names.analytics)
         has_state = counts.pop(state_topic(settings)) > 0
-        known = [processors_group(settings)] + [f"{settings.topic_prefix}.sink.{s}" for s in _SINKS]
+        group_names = GroupNames.from_settings(settings)
+        known = [group_names.processors] + [group_names.sink(s) for s in SINKS]
         listed = [g[0] for g in await admin.list_consumer_groups()]
         candidates = list(dict.fromkeys(known + listed))
         offsets = await asyncio.gather(*(admin.list_consumer_group_offsets(g) for g in candidates))
@@ -473,7 +471,7 @@ async def _write_state(settings: Settings, record: dict[str, Any]) -> None:
                     state_topic(settings),
                     1,
                     settings.replication_factor,
-                    topic_configs={"cleanup.policy": "compact"},
+                    topic_configs={"cleanup.policy": "compact", **replica_configs(settings)},
                 )
             ]
         )
@@ -481,7 +479,7 @@ async def _write_state(settings: Settings, record: dict[str, Any]) -> None:
         pass
     finally:
         await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True)
+    producer = kafka.producer(settings, client_id="audience-relay-partitions")
     await producer.start()
     try:
         await producer.send_and_wait(state_topic(settings), orjson.dumps(record), key=_STATE_KEY, partition=0)
@@ -544,9 +542,9 @@ async def move_keys(settings: Settings, topic: Topic, partitions: int, progress:
     moved = Moved()
     scanned = [0]
     consumer = _consumer(settings)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_idempotence=True,
+    producer = kafka.producer(
+        settings,
+        client_id="audience-relay-partitions",
         linger_ms=10,
         max_batch_size=1 << 20,
         max_request_size=16 << 20,
@@ -609,13 +607,9 @@ async def move_pending_events(settings: Settings, partitions: int, progress: boo
         await admin.close()
     reader, committer = (
         _consumer(settings),
-        AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group, enable_auto_commit=False
-        ),
+        kafka.consumer(settings, group_id=group, client_id="audience-relay-partitions"),
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True, linger_ms=10
-    )
+    producer = kafka.producer(settings, client_id="audience-relay-partitions", linger_ms=10)
     moved = 0
     await reader.start()
     await committer.start()

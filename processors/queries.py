@@ -48,13 +48,14 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 from yarl import URL
 
+from audience_relay import signals
 from audience_relay.auth import DEFAULT_SOURCE, Authenticator
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
 from processors.membership import ENTER_US, MEMBER, SLUG, T_US, Value, from_us
 from processors.split import normalize_identifier
@@ -76,12 +77,6 @@ QUERY_SECONDS = Histogram(
 
 
 # --- pure pieces ------------------------------------------------------------------------------
-
-
-def partition_for(identifier: str, partitions: int) -> int:
-    """The table partition of an identifier: the Kafka default partitioner on its UTF-8 bytes."""
-    hashed: int = murmur2(identifier.encode())
-    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def current_audiences(value: Value | None) -> list[str]:
@@ -548,6 +543,12 @@ def register_queries(app: Any, table: Any, settings: Settings) -> QueryService:
     for method, path, handler in service.routes():
         web_app.router.add_route(method, path, handler)
     web_app.on_cleanup.append(service.close)
+
+    async def reload_on_hangup(_: web.Application) -> None:
+        # SIGHUP re-reads RELAY_INGRESS_KEYS_FILE, like the ingress (README "Signals").
+        signals.install(asyncio.get_running_loop(), "worker", reload=service.auth.try_reload)
+
+    web_app.on_startup.append(reload_on_hangup)
     if settings.oauth_clients and settings.oauth_signing_key is None:
         log.warning(
             "RELAY_OAUTH_SIGNING_KEY is not set: bearer tokens from the ingress are not accepted by "

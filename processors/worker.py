@@ -24,6 +24,7 @@ from pathlib import Path
 import faust
 from aiokafka.errors import KafkaError
 
+from audience_relay.exits import ExitCode
 from audience_relay.settings import Settings
 from audience_relay.topics import create_topics
 from processors.app import app_id, create_app
@@ -32,7 +33,7 @@ from processors.partitions import PartitionsError, check_worker
 log = logging.getLogger("processors.worker")
 CLEAN_MARKER = "clean-shutdown"
 LAYOUT = "partitions"
-EXIT_CONFIG = 78  # sysexits EX_CONFIG: a restart cannot help until an operator changes something
+EXIT_CONFIG = ExitCode.CONFIG  # a restart cannot help until an operator changes something
 
 
 def prepare_data_dir(data_dir: Path, partitions: int | None = None) -> bool:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import orjson
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
+from audience_relay import kafka
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from schemas.records import DeliveryOutcome
@@ -160,11 +161,8 @@ class Deliverer:
         self.delivered = 0
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
-            enable_idempotence=True,
-            linger_ms=5,
-            client_id=f"audience-relay-sink-{self.name}-log",
+        self._producer = kafka.producer(
+            self.settings, linger_ms=5, client_id=f"audience-relay-sink-{self.name}-log"
         )
         await self._producer.start()
         await self.destination.start()
@@ -213,13 +211,26 @@ class Deliverer:
     async def _isolate(self, batch: list[_Pending]) -> list[_Verdict]:
         """Send ``batch``; when it is refused, find the refused records by halving it."""
         result, key = await self._send(batch)
-        if isinstance(result, GiveUp) and len(batch) > 1:
-            half = len(batch) // 2
-            log.info(
-                "batch refused; splitting it to find the refused records",
-                extra={"sink": self.name, "status": result.status, "records": len(batch)},
+        if isinstance(result, GiveUp):
+            changes = [p.item.change for p in batch]
+            if len(batch) > 1:
+                metrics.DELIVERIES.labels(self.name, "split").inc()
+                log.info(
+                    "batch refused; splitting it to find the refused records",
+                    extra={"sink": self.name, "status": result.status, **correlation(changes)},
+                )
+                half = len(batch) // 2
+                return await self._isolate(batch[:half]) + await self._isolate(batch[half:])
+            metrics.DELIVERIES.labels(self.name, "dead_lettered").inc()
+            log.warning(
+                "batch given up",
+                extra={
+                    "sink": self.name,
+                    "status": result.status,
+                    "reason": scrub(result.reason, self._secrets),
+                    **correlation(changes),
+                },
             )
-            return await self._isolate(batch[:half]) + await self._isolate(batch[half:])
         return [_Verdict(p, result, key) for p in batch]
 
     async def _send(self, batch: list[_Pending]) -> tuple[Result, str]:
@@ -230,11 +241,10 @@ class Deliverer:
             result = await self._write_when_allowed(items, key)
             for p in batch:
                 p.attempts += 1
+            if isinstance(result, Delivered):
+                metrics.DELIVERIES.labels(self.name, "delivered").inc()
+                metrics.BATCH_SIZE.labels(self.name).observe(len(items))
             if not isinstance(result, RetryAfter):
-                outcome = "delivered" if isinstance(result, Delivered) else "refused"
-                metrics.DELIVERIES.labels(self.name, outcome).inc()
-                if isinstance(result, Delivered):
-                    metrics.BATCH_SIZE.labels(self.name).observe(len(items))
                 return result, key
             attempt += 1
             metrics.RETRIES.labels(self.name).inc()
@@ -295,15 +305,6 @@ class Deliverer:
         assert isinstance(result, GiveUp)
         tally.dead_lettered += 1
         shown = excerpt(result.response_text, self._secrets)
-        log.warning(
-            "change refused by the destination; dead-lettered",
-            extra={
-                "sink": self.name,
-                "status": result.status,
-                "reason": scrub(result.reason, self._secrets),
-                **correlation([change]),
-            },
-        )
         await self._dead_letter(
             acks, pending.entry, "destination_refused", result.reason, result.status, result.response_text
         )

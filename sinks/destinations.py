@@ -9,6 +9,9 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from audience_relay import kafka
+from audience_relay.exits import ExitCode, Fatal
+from audience_relay.names import SINKS
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks.base import Delivered, Destination, Item, Result, RetryAfter, lytics_record
@@ -35,7 +38,7 @@ class SinkSpec:
 def pushly(settings: Settings, policy: Policy) -> Destination:
     """Pushly: the Lytics default format with ``X-API-KEY`` (one user per request unless batched)."""
     if not settings.pushly_webhook_url or settings.pushly_api_key is None:
-        raise SystemExit("the pushly sink needs PUSHLY_WEBHOOK_URL and PUSHLY_API_KEY")
+        raise Fatal("the pushly sink needs PUSHLY_WEBHOOK_URL and PUSHLY_API_KEY", ExitCode.CONFIG)
 
     def body(items: list[Item]) -> Any:
         records = [lytics_record(i, policy.field) for i in items]
@@ -54,7 +57,7 @@ def pushly(settings: Settings, policy: Policy) -> Destination:
 def odp(settings: Settings, policy: Policy) -> Destination:
     """ODP: arrays in the Lytics default format, the identifier under ``ODP_IDENTIFIER_FIELD``."""
     if not settings.odp_webhook_url or settings.odp_auth_token is None:
-        raise SystemExit("the odp sink needs ODP_WEBHOOK_URL and ODP_AUTH_TOKEN")
+        raise Fatal("the odp sink needs ODP_WEBHOOK_URL and ODP_AUTH_TOKEN", ExitCode.CONFIG)
     return HttpDestination(
         "odp",
         settings.odp_webhook_url,
@@ -117,11 +120,8 @@ class AnalyticsTopic:
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._settings.kafka_bootstrap_servers,
-            enable_idempotence=True,
-            linger_ms=5,
-            client_id="audience-relay-sink-analytics",
+        self._producer = kafka.producer(
+            self._settings, linger_ms=5, client_id="audience-relay-sink-analytics"
         )
         await self._producer.start()
 
@@ -183,4 +183,4 @@ def build(name: str, settings: Settings) -> SinkSpec:
             settings.analytics_concurrency,
             (topics.membership_changes, topics.field_changes),
         )
-    raise SystemExit(f"unknown sink {name!r}: pushly, odp or analytics")
+    raise Fatal(f"unknown sink {name!r}: one of {', '.join(SINKS)}", ExitCode.USAGE)

@@ -33,6 +33,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from audience_relay import kafka
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks import metrics
@@ -56,7 +58,7 @@ MIN_BUFFER = 100
 
 def group_id(settings: Settings, destination: str) -> str:
     """The consumer group of the sink ``destination``."""
-    return f"{settings.topic_prefix}.sink.{destination}"
+    return GroupNames.from_settings(settings).sink(destination)
 
 
 def buffer_limit(batch_size: int, concurrency: int, partitions: int) -> int:
@@ -125,17 +127,14 @@ class SinkEngine:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set; then finish in-flight batches and commit them."""
         s = self.settings
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
+        self._consumer = kafka.consumer(
+            s,
             group_id=self.group,
             client_id=f"audience-relay-sink-{self.name}",
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=max(500, self.batch_size),
         )
-        self._admin = AIOKafkaAdminClient(
-            bootstrap_servers=s.kafka_bootstrap_servers, client_id=f"audience-relay-sink-{self.name}"
-        )
+        self._admin = kafka.admin(s, client_id=f"audience-relay-sink-{self.name}")
         await self.deliverer.start()
         await self._admin.start()
         await self._consumer.start()

@@ -4,7 +4,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 DELIVERIES = Counter(
     "relay_sink_deliveries_total",
-    "Requests (batches and their splits) by destination and final answer: delivered or refused",
+    "Requests by destination and final answer: delivered, dead_lettered (one change refused: it is "
+    "dead-lettered) or split (several refused: the batch is halved)",
     ["destination", "outcome"],
 )
 RECORDS = Counter(

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
+from audience_relay.exits import ExitCode, Fatal
+from audience_relay.names import SINKS
 from audience_relay.settings import Settings
 
 Identifier = str | list[str]
@@ -88,7 +90,7 @@ def policy_for(name: str, settings: Settings) -> Policy:
             tuple(settings.analytics_audiences_exclude),
             field_changes=True,
         )
-    raise SystemExit(f"unknown sink {name!r}: pushly, odp or analytics")
+    raise Fatal(f"unknown sink {name!r}: one of {', '.join(SINKS)}", ExitCode.USAGE)
 
 
 def normalized(value: str) -> str:

@@ -22,10 +22,13 @@ import logging
 from dataclasses import dataclass
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from tqdm import tqdm
 
+from audience_relay import kafka
+from audience_relay.exits import ExitCode, Fatal
 from audience_relay.kafkautil import end_offsets
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks.deliver import Deliverer, DestinationFailing, Entry
@@ -57,7 +60,7 @@ class ReplayReport:
 
 def replay_group(settings: Settings, name: str) -> str:
     """The consumer group whose committed offsets say how far replays of ``name`` got."""
-    return f"{settings.topic_prefix}.dead-letter-replay.{name}"
+    return GroupNames.from_settings(settings).replay(name)
 
 
 async def replay_dead_letters(settings: Settings, name: str, *, progress: bool = True) -> ReplayReport:
@@ -65,13 +68,13 @@ async def replay_dead_letters(settings: Settings, name: str, *, progress: bool =
     topics = TopicNames.from_settings(settings)
     spec = build(name, settings)
     deliverer = Deliverer(settings, spec, secrets_of(settings), "replay", max_attempts=MAX_ATTEMPTS)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+    consumer = kafka.consumer(
+        settings,
         group_id=replay_group(settings, name),
-        enable_auto_commit=False,
+        client_id=f"audience-relay-replay-{name}",
         auto_offset_reset="earliest",
     )
-    ends = await end_offsets(settings.kafka_bootstrap_servers, topics.dead_letter)
+    ends = await end_offsets(settings, topics.dead_letter)
     parts = [TopicPartition(topics.dead_letter, p) for p in ends]
     report = ReplayReport()
     await consumer.start()
@@ -96,7 +99,9 @@ async def replay_dead_letters(settings: Settings, name: str, *, progress: bool =
             try:
                 await _replay_chunk(settings, name, deliverer, chunk, report)
             except DestinationFailing as exc:
-                raise SystemExit(f"{name} keeps failing ({exc}); replay stopped, run it again") from None
+                raise Fatal(
+                    f"{name} keeps failing ({exc}); replay stopped, run it again", ExitCode.FAILURE
+                ) from None
             done: dict[TopicPartition, int] = {}
             for record in chunk:
                 tp = TopicPartition(record.topic, record.partition)
@@ -145,7 +150,7 @@ async def _replay_chunk(
         for e, c in mine
         if c is not None and not e.field_change and "identifier" in c and "audience_id" in c
     }
-    states = await read_states(settings.kafka_bootstrap_servers, topics.membership, wanted)
+    states = await read_states(settings, topics.membership, wanted)
     groups: dict[bytes | None, list[Entry]] = {}
     for entry, change in mine:
         if change is not None and not entry.field_change and "audience_id" in change:

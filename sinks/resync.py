@@ -34,12 +34,14 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from tqdm import tqdm
 
+from audience_relay import kafka
+from audience_relay.exits import ExitCode, Fatal
 from audience_relay.kafkautil import end_offsets
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from schemas.records import MembershipChange
@@ -98,7 +100,7 @@ class Progress:
 
 def resync_group(settings: Settings, name: str) -> str:
     """The consumer group whose commits hold a resync's progress for ``name``."""
-    return f"{settings.topic_prefix}.resync.{name}"
+    return GroupNames.from_settings(settings).resync(name)
 
 
 def selection_id(audiences: list[str]) -> str:
@@ -145,7 +147,7 @@ async def members_of(
     offset order of each key's newest state."""
     topic = TopicNames.from_settings(settings).membership
     newest: dict[bytes, tuple[int, bytes | None]] = {}
-    async for record in scan(settings.kafka_bootstrap_servers, topic, [partition], ends={partition: end}):
+    async for record in scan(settings, topic, [partition], ends={partition: end}):
         if record.key is not None:
             newest[record.key] = (record.offset, record.value)
     out = []
@@ -158,7 +160,7 @@ async def members_of(
 
 
 async def _progress(settings: Settings, group: str, parts: list[TopicPartition]) -> dict[int, Progress]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = kafka.admin(settings, client_id=f"audience-relay-resync-{group}")
     await admin.start()
     try:
         for attempt in range(10):
@@ -193,7 +195,7 @@ async def resync(
     topics = TopicNames.from_settings(settings)
     group = resync_group(settings, name)
     selection = selection_id(audiences)
-    ends = await end_offsets(settings.kafka_bootstrap_servers, topics.membership)
+    ends = await end_offsets(settings, topics.membership)
     parts = [TopicPartition(topics.membership, p) for p in sorted(ends)]
     before = {} if restart else await _progress(settings, group, parts)
     count = len(ends)
@@ -209,9 +211,7 @@ async def resync(
     deliverer = Deliverer(
         settings, spec, secrets_of(settings), "resync", key_namespace="resync", max_attempts=MAX_ATTEMPTS
     )
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group, enable_auto_commit=False
-    )
+    consumer = kafka.consumer(settings, group_id=group, client_id=f"audience-relay-resync-{name}")
     await consumer.start()
     await deliverer.start()
     bar = tqdm(total=0, unit="member", desc=f"resync {name}", disable=not progress)
@@ -237,7 +237,9 @@ async def resync(
             report.members += len(members)
             await _send_partition(consumer, deliverer, tp, planned, members, report, bar)
     except DestinationFailing as exc:
-        raise SystemExit(f"{name} keeps failing ({exc}); resync stopped, run it again to resume") from None
+        raise Fatal(
+            f"{name} keeps failing ({exc}); resync stopped, run it again to resume", ExitCode.FAILURE
+        ) from None
     finally:
         bar.close()
         await deliverer.stop()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import signal
+import logging
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from audience_relay import ports, signals
 from audience_relay.lag import LagMonitor
 from audience_relay.settings import Settings
 from sinks.destinations import build
@@ -16,6 +17,8 @@ from sinks.replay import replay_dead_letters
 from sinks.scrub import secrets_of
 
 __all__ = ["build_engine", "replay_dead_letters", "run_sink", "serve", "web_app"]
+
+log = logging.getLogger("sinks")
 
 
 def build_engine(settings: Settings, name: str) -> SinkEngine:
@@ -55,20 +58,35 @@ def web_app(engine: SinkEngine) -> web.Application:
     return app
 
 
+def sink_web_port(settings: Settings, name: str) -> int:
+    """The port the sink ``name`` serves on: ``RELAY_SINK_WEB_PORT``, else the sink's own default
+    (``names.SINK_WEB_PORTS``), else, when that is taken by another process, a free one (logged)."""
+    return ports.web_port(
+        settings.worker_web_host,
+        settings.sink_port(name),
+        setting="RELAY_SINK_WEB_PORT",
+        host_setting="RELAY_WORKER_WEB_HOST",
+        fallback=settings.sink_web_port is None,
+    )
+
+
 def run_sink(settings: Settings, name: str) -> None:
     """Run one sink until SIGTERM/SIGINT (in-flight batches finish and are committed)."""
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: nothing to reload (logged); SIGTERM/SIGINT: stop (README "Signals").
+        remove_handlers = signals.install(asyncio.get_running_loop(), f"sink {name}", stop=stop.set)
         engine = build_engine(settings, name)
         runner = web.AppRunner(web_app(engine), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, settings.worker_web_host, settings.sink_web_port).start()
+        port = sink_web_port(settings, name)
+        await web.TCPSite(runner, settings.worker_web_host, port).start()
+        log.info(
+            "sink web server listening", extra={"sink": name, "host": settings.worker_web_host, "port": port}
+        )
         lag = LagMonitor(
-            settings.kafka_bootstrap_servers,
+            settings,
             group_id(settings, name),
             list(engine.spec.topics),
             settings.lag_interval_seconds,
@@ -80,5 +98,6 @@ def run_sink(settings: Settings, name: str) -> None:
             stop.set()
             await lag_task
             await runner.cleanup()
+            remove_handlers()
 
     asyncio.run(main())

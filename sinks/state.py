@@ -12,9 +12,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 
-from audience_relay.kafkautil import partition_count
+from audience_relay import kafka
+from audience_relay.kafkautil import Target, partition_count
 
 State = dict[str, Any]
 
@@ -53,7 +54,7 @@ def superseded(change: dict[str, Any], state: State | None) -> bool:
 
 
 async def scan(
-    bootstrap: str,
+    target: Target,
     topic: str,
     partitions: Iterable[int] | None = None,
     starts: dict[int, int] | None = None,
@@ -61,13 +62,11 @@ async def scan(
 ) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` (or of ``partitions``) from ``starts`` (default: the log start) to
     ``ends`` (default: the end offsets when the scan begins), partition by partition interleaved."""
-    count = await partition_count(bootstrap, topic)
+    count = await partition_count(target, topic)
     wanted = list(range(count)) if partitions is None else [p for p in partitions if p < count]
     if not wanted:
         return
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=8 << 20
-    )
+    consumer = kafka.consumer(target, max_partition_fetch_bytes=8 << 20)
     await consumer.start()
     try:
         parts = [TopicPartition(topic, p) for p in wanted]
@@ -89,12 +88,12 @@ async def scan(
         await consumer.stop()
 
 
-async def read_states(bootstrap: str, topic: str, wanted: set[bytes]) -> dict[bytes, State | None]:
+async def read_states(target: Target, topic: str, wanted: set[bytes]) -> dict[bytes, State | None]:
     """The newest state of each key in ``wanted`` (``None`` for a tombstone); absent keys are missing."""
     out: dict[bytes, State | None] = {}
     if not wanted:
         return out
-    async for record in scan(bootstrap, topic):
+    async for record in scan(target, topic):
         if record.key in wanted:
             out[record.key] = orjson.loads(record.value) if record.value is not None else None
     return out

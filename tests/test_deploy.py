@@ -134,7 +134,9 @@ def served(component: Component, settings: Settings) -> dict[int, set[str]]:
         from sinks.run import build_engine, web_app
 
         assert component.sink is not None
-        return {settings.sink_web_port: _paths(web_app(build_engine(settings, component.sink)).router)}
+        return {
+            settings.sink_port(component.sink): _paths(web_app(build_engine(settings, component.sink)).router)
+        }
     return {}
 
 
@@ -396,6 +398,27 @@ def test_dockerfile_installs_the_project_and_runs_as_a_user() -> None:
     assert f"RELAY_WORKER_DATA_DIR={worker.settings.worker_data_dir}" in text
 
 
+def test_dockerfile_installs_the_locked_versions_of_the_runtime_dependencies() -> None:
+    """Every pip command of the image takes requirements.lock as constraints, and installs the project
+    without its dev extra: the image gets the runtime dependencies at the versions CI tested."""
+    lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().splitlines()]
+    ignored = {line.strip() for line in (PROJECT / ".dockerignore").read_text().splitlines()}
+    assert "requirements.lock" not in ignored
+    assert "COPY requirements.lock ./" in lines
+    pips = [line for line in lines if re.search(r"\bpip (wheel|install|download)\b", line)]
+    assert len(pips) == 2, pips  # the build stage's wheels and the runtime stage's install
+    for line in pips:
+        assert re.search(r"(^|\s)-c \S*requirements\.lock(\s|$)", line), line
+        assert "[dev]" not in line and "--upgrade" not in line, line
+    [install] = [line for line in pips if "pip install" in line]
+    assert "--no-index" in install  # only the wheels built under the lock
+    # The runtime stage reads the lock from where it copies it.
+    [copied] = [
+        line for line in lines if line.startswith("COPY --from=build") and "requirements.lock" in line
+    ]
+    assert copied.split()[-1] in install
+
+
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -412,16 +435,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-async def test_a_running_ingress_answers_its_probes_and_scrape(settings: Settings, tmp_path: Path) -> None:
+async def test_a_running_ingress_answers_its_probes_and_scrape(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
     """``audience-relay ingress`` with the manifest's env (and the example Secret) serves what the
     manifest probes and scrapes. Ports are moved to free ones, the broker is the test broker."""
     [ingress] = [c for c in containers() if c.component.kind == "ingress"]
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
-    env.update(ingress.env)
+    # The manifest's Kafka connection (a SASL_SSL cluster) is replaced by the test broker's.
+    env.update({k: v for k, v in ingress.env.items() if not k.startswith("KAFKA_")})
+    env.update({k: v for k, v in kafka_settings.to_env().items() if k.startswith("KAFKA_")})
     env.update(
-        KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
-        RELAY_TOPIC_PREFIX=settings.topic_prefix,
+        RELAY_TOPIC_PREFIX=kafka_settings.topic_prefix,
         RELAY_INGRESS_HOST="127.0.0.1",
         RELAY_INGRESS_PORT=str(port),
         RELAY_INGRESS_METRICS_PORT=str(metrics_port),

@@ -49,7 +49,7 @@ def header(record: object, name: str) -> bytes:
 
 @pytest.mark.parametrize("sample", AUDIENCE_SAMPLES, ids=lambda p: p.stem)
 async def test_each_sample_round_trips_byte_for_byte(
-    sample: object, ingress: RunningIngress, settings: Settings, topics: TopicNames
+    sample: object, ingress: RunningIngress, kafka_settings: Settings, topics: TopicNames
 ) -> None:
     body = sample.read_bytes()  # type: ignore[attr-defined]
     content_type = "application/cloudevents+json" if "cloudevents" in sample.name else "application/json"  # type: ignore[attr-defined]
@@ -58,7 +58,7 @@ async def test_each_sample_round_trips_byte_for_byte(
     )
     assert status == 200, answer
     assert answer == {"status": "stored", "request_id": "req-1"}
-    records = await read_topic(settings.kafka_bootstrap_servers, topics.raw)
+    records = await read_topic(kafka_settings.kafka_bootstrap_servers, topics.raw)
     assert [r.value for r in records] == [body]
     rec = records[0]
     assert header(rec, "source") == b"default"
@@ -66,11 +66,11 @@ async def test_each_sample_round_trips_byte_for_byte(
     assert header(rec, "content-type") == content_type.encode()
     assert header(rec, "received-at").endswith(b"Z")
     assert header(rec, "auth") == b"x-api-key"
-    assert await topic_size(settings.kafka_bootstrap_servers, topics.dead_letter) == 0
+    assert await topic_size(kafka_settings.kafka_bootstrap_servers, topics.dead_letter) == 0
 
 
 async def test_batches_and_cloudevents_batch_round_trip(
-    ingress: RunningIngress, settings: Settings, topics: TopicNames
+    ingress: RunningIngress, kafka_settings: Settings, topics: TopicNames
 ) -> None:
     objects = [orjson.loads(p.read_bytes()) for p in AUDIENCE_SAMPLES]
     lytics_batch = orjson.dumps(objects)
@@ -78,7 +78,7 @@ async def test_batches_and_cloudevents_batch_round_trip(
     assert (await post(ingress, lytics_batch))[0] == 200
     ce_headers = {**KEY, "Content-Type": "application/cloudevents-batch+json"}
     assert (await post(ingress, ce_batch, ce_headers))[0] == 200
-    records = await read_topic(settings.kafka_bootstrap_servers, topics.raw)
+    records = await read_topic(kafka_settings.kafka_bootstrap_servers, topics.raw)
     assert sorted(r.value for r in records) == sorted([lytics_batch, ce_batch])
 
 
@@ -116,15 +116,15 @@ async def test_bad_credentials_get_401_and_store_nothing(
     headers: dict[str, str],
     query: dict[str, str] | None,
     ingress: RunningIngress,
-    settings: Settings,
+    kafka_settings: Settings,
     topics: TopicNames,
 ) -> None:
     status, answer, resp_headers = await post(ingress, b'{"data": {}}', headers, params=query)
     assert status == 401
     assert answer["error"] == "unauthorized"
     assert "WWW-Authenticate" in resp_headers
-    assert await topic_size(settings.kafka_bootstrap_servers, topics.raw) == 0
-    assert await topic_size(settings.kafka_bootstrap_servers, topics.dead_letter) == 0
+    assert await topic_size(kafka_settings.kafka_bootstrap_servers, topics.raw) == 0
+    assert await topic_size(kafka_settings.kafka_bootstrap_servers, topics.dead_letter) == 0
 
 
 BAD_BODIES = {
@@ -143,15 +143,15 @@ BAD_BODIES = {
 
 @pytest.mark.parametrize("name", sorted(BAD_BODIES))
 async def test_bad_bodies_get_400_and_are_kept_in_dead_letter(
-    name: str, ingress: RunningIngress, settings: Settings, topics: TopicNames
+    name: str, ingress: RunningIngress, kafka_settings: Settings, topics: TopicNames
 ) -> None:
     body = BAD_BODIES[name]
     status, answer, _ = await post(ingress, body, {**KEY, "X-Request-Id": f"bad-{name}"})
     assert status == 400
     assert answer["error"] == "bad_body"
     assert isinstance(answer["detail"], str) and answer["detail"]
-    assert await topic_size(settings.kafka_bootstrap_servers, topics.raw) == 0
-    [dead] = await read_topic(settings.kafka_bootstrap_servers, topics.dead_letter)
+    assert await topic_size(kafka_settings.kafka_bootstrap_servers, topics.raw) == 0
+    [dead] = await read_topic(kafka_settings.kafka_bootstrap_servers, topics.dead_letter)
     assert dead.value == body
     assert header(dead, "reason").decode() == answer["detail"]
     assert header(dead, "stage") == b"ingress"
@@ -194,7 +194,7 @@ async def test_compressed_bodies_are_refused(encoding: str, ingress: RunningIngr
 
 
 async def test_too_many_bytes_in_flight_answers_429_with_retry_after(kafka_bootstrap: str) -> None:
-    settings = make_settings(kafka_bootstrap, max_inflight_bytes=2048)
+    settings = make_settings(kafka_bootstrap, max_inflight_bytes=2048, max_body_bytes=2048)
     await create_topics(settings)
     running = await start_ingress(settings)
     release = asyncio.Event()
@@ -329,9 +329,11 @@ class GatedPublisher(Publisher):
         await super().send(topic, value, headers, key)
 
 
-async def test_graceful_shutdown_finishes_in_flight_requests(settings: Settings, topics: TopicNames) -> None:
-    publisher = GatedPublisher(settings)
-    app = build_app(settings, publisher)
+async def test_graceful_shutdown_finishes_in_flight_requests(
+    kafka_settings: Settings, topics: TopicNames
+) -> None:
+    publisher = GatedPublisher(kafka_settings)
+    app = build_app(kafka_settings, publisher)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     port = free_port()
@@ -349,5 +351,5 @@ async def test_graceful_shutdown_finishes_in_flight_requests(settings: Settings,
         assert resp.status == 200
         resp.release()
         await shutdown
-    records = await read_topic(settings.kafka_bootstrap_servers, topics.raw)
+    records = await read_topic(kafka_settings.kafka_bootstrap_servers, topics.raw)
     assert [r.value for r in records] == [body]

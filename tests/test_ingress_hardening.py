@@ -32,7 +32,7 @@ from ingress.access import PUBLIC_ROUTES
 from ingress.app import AUTH, BUDGET, PUBLISHER, build_app
 from ingress.ratelimit import RateLimiter
 from ingress.server import Listeners, TlsError, reload_secrets, start_listeners, tls_context
-from tests.conftest import make_settings
+from tests.conftest import NO_BROKER, make_settings
 
 KEY = {"X-API-KEY": "key-current"}
 
@@ -152,8 +152,8 @@ async def test_slowloris_heads_are_cut_while_others_are_served(kafka_bootstrap: 
     print(f"slowloris: {clients} slow heads cut {cut_after:.2f}s after connecting (header timeout 1 s)")
 
 
-async def test_a_silent_connection_is_closed_after_the_head_deadline(kafka_bootstrap: str) -> None:
-    settings = hardened(kafka_bootstrap, ingress_header_timeout_seconds=0.5)
+async def test_a_silent_connection_is_closed_after_the_head_deadline() -> None:
+    settings = hardened(NO_BROKER, ingress_header_timeout_seconds=0.5)
     async with serving(settings, kafka=False) as ingress:
         before = timeouts("headers")
         reader, writer = await asyncio.open_connection("127.0.0.1", ingress.site.port)
@@ -198,8 +198,8 @@ async def test_slow_body_is_cut_with_408_and_stores_nothing(kafka_bootstrap: str
     print(f"slow body: cut {cut_after:.2f}s after its headers (body timeout 1 s), {sent} bytes in")
 
 
-async def test_an_answer_sent_before_a_slow_body_is_not_followed_by_a_408(kafka_bootstrap: str) -> None:
-    settings = hardened(kafka_bootstrap, ingress_header_timeout_seconds=1.0)
+async def test_an_answer_sent_before_a_slow_body_is_not_followed_by_a_408() -> None:
+    settings = hardened(NO_BROKER, ingress_header_timeout_seconds=1.0)
     head = b"POST /v1/lytics HTTP/1.1\r\nHost: x\r\nContent-Length: 400\r\n\r\n"  # no credentials
     async with serving(settings, kafka=False) as ingress:
         reader, writer = await asyncio.open_connection("127.0.0.1", ingress.site.port)
@@ -300,10 +300,10 @@ async def test_rate_limit_is_per_source(kafka_bootstrap: str) -> None:
 # --- auth on every route ---------------------------------------------------------------------------
 
 
-async def test_every_non_public_route_requires_credentials(kafka_bootstrap: str) -> None:
+async def test_every_non_public_route_requires_credentials() -> None:
     port = free_port()
     # Metrics on the main port, so that /metrics is one of this app's routes too.
-    settings = hardened(kafka_bootstrap, ingress_port=port, ingress_metrics_port=port)
+    settings = hardened(NO_BROKER, ingress_port=port, ingress_metrics_port=port)
     async with serving(settings, kafka=False) as ingress:
         routes = [
             (route.method, re.sub(r"\{[^}]+\}", "default", route.resource.canonical))
@@ -342,8 +342,8 @@ async def test_every_non_public_route_requires_credentials(kafka_bootstrap: str)
     print(f"{checked} non-public route/method pairs answered 401 without credentials")
 
 
-async def test_metrics_live_on_their_own_port(kafka_bootstrap: str) -> None:
-    settings = hardened(kafka_bootstrap)
+async def test_metrics_live_on_their_own_port() -> None:
+    settings = hardened(NO_BROKER)
     async with serving(settings, kafka=False) as ingress, aiohttp.ClientSession() as http:
         assert ingress.ops_site is not None
         async with http.get(ingress.ops_url + "/metrics") as resp:
@@ -356,9 +356,9 @@ async def test_metrics_live_on_their_own_port(kafka_bootstrap: str) -> None:
             assert resp.status == 404
 
 
-async def test_every_bad_credential_gets_the_same_401(kafka_bootstrap: str) -> None:
+async def test_every_bad_credential_gets_the_same_401() -> None:
     settings = hardened(
-        kafka_bootstrap,
+        NO_BROKER,
         oauth_clients={"lytics": "client-secret-1"},
         oauth_signing_key="signing-key-1",
         sources={"crm": {"api_keys": ["crm-key"], "oauth_clients": {"crm-job": "crm-secret"}}},
@@ -369,7 +369,7 @@ async def test_every_bad_credential_gets_the_same_401(kafka_bootstrap: str) -> N
         expired = auth.issue_token("lytics", "client-secret-1", now=0)
         crm_only = auth.issue_token("crm-job", "crm-secret")
         other_key = Authenticator(
-            make_settings(kafka_bootstrap, oauth_clients={"lytics": "x"}, oauth_signing_key="another-key")
+            make_settings(NO_BROKER, oauth_clients={"lytics": "x"}, oauth_signing_key="another-key")
         ).issue_token("lytics", "x")
         assert good and expired and crm_only and other_key
         payload, _, signature = good.access_token.partition(".")[2].partition(".")

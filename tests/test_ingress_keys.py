@@ -20,7 +20,7 @@ from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import free_port
 from devtools.processes import Component
 from devtools.wait import until, until_async
-from tests.conftest import make_settings
+from tests.conftest import NO_BROKER, make_settings
 
 
 def write_keys(path: Path, document: dict[str, Any] | bytes) -> None:
@@ -55,15 +55,13 @@ def test_a_bad_keys_file_is_explained_without_its_secrets(
     assert "topsecret" not in str(caught.value)
 
 
-def test_reload_swaps_keys_keeps_them_on_a_bad_file_and_rotates_signing_keys(
-    kafka_bootstrap: str, tmp_path: Path
-) -> None:
+def test_reload_swaps_keys_keeps_them_on_a_bad_file_and_rotates_signing_keys(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     write_keys(
         path,
         {"api_keys": ["file-key-1"], "oauth_clients": {"lytics": "cs-1"}, "oauth_signing_keys": ["sig-1"]},
     )
-    settings = make_settings(kafka_bootstrap, ingress_api_keys=["env-key"], ingress_keys_file=path)
+    settings = make_settings(NO_BROKER, ingress_api_keys=["env-key"], ingress_keys_file=path)
     auth = Authenticator(settings)
 
     def ok(key: str, source: str = "default") -> bool:
@@ -106,14 +104,14 @@ def test_reload_swaps_keys_keeps_them_on_a_bad_file_and_rotates_signing_keys(
     auth.reload()
     assert not auth.verify_token(new_token.access_token, "default")
     # A file that leaves nothing at all (the env key aside) would lock everyone out only if alone.
-    alone = Authenticator(make_settings(kafka_bootstrap, ingress_api_keys=[], ingress_keys_file=path))
+    alone = Authenticator(make_settings(NO_BROKER, ingress_api_keys=[], ingress_keys_file=path))
     write_keys(path, {})
     with pytest.raises(KeysFileError, match="no credential"):
         alone.reload()
     assert alone.authenticate("default", {"X-API-KEY": "file-key-2"}, {}) is not None
     # At start-up a missing file is an error, not an ingress without those keys.
     with pytest.raises(KeysFileError, match="cannot read the keys file"):
-        Authenticator(make_settings(kafka_bootstrap, ingress_keys_file=tmp_path / "missing.json"))
+        Authenticator(make_settings(NO_BROKER, ingress_keys_file=tmp_path / "missing.json"))
 
 
 # --- SIGHUP on a real process ---------------------------------------------------------------------

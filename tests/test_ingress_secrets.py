@@ -1,6 +1,7 @@
 """No secret — configured key, presented key, client secret, token, signing key, destination
-credential — reaches a log line, a Kafka record or an HTTP answer: the ingress alone, then the whole
-pipeline as real processes."""
+credential, Kafka SASL password, Kafka TLS key password — reaches a log line, a Kafka record, a
+command's output or an HTTP answer: the ingress alone, then the whole pipeline as real processes
+connected to a secured broker (SASL_SSL with SCRAM-SHA-512 and a client certificate)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
+from audience_relay import kafka
 from audience_relay.kafkautil import read_topic
 from audience_relay.logs import JsonFormatter
+from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import free_port
+from devtools.localtls import make_client_pem
 from devtools.processes import Component, start_worker, wait_group
 from devtools.wait import until_async
 from tests.conftest import make_settings, start_ingress
 from tests.fakes import Answer, FakeDestination
+from tests.secured import SecuredBroker, relay_cli
 
 SECRETS = ["sekrit-key-123", "client-sekrit-456", "sign-sekrit-789", "sekrit-key-124"]
 
@@ -86,6 +90,7 @@ CRM_CLIENT_SECRET = "zK3crmoauthPq2wE4rT6yU8i"
 SIGNING_KEY = "zK3signingVb6nM1qA3zS7xD"
 PUSHLY_KEY = "zK3pushlyLp9oK2iU4jH8gF1"
 ODP_TOKEN = "zK3odpXd5fG7hJ9kL2zX4cV6"
+KAFKA_KEY_PASSWORD = "zK3tlskeyRt8yU1iO3pA5sDf"
 PIPELINE_SECRETS = [
     API_KEY, FILE_KEY, CRM_KEY, CLIENT_SECRET, CRM_CLIENT_SECRET, SIGNING_KEY, PUSHLY_KEY, ODP_TOKEN
 ]  # fmt: skip
@@ -106,15 +111,15 @@ def encoded_forms(secret: str) -> set[bytes]:
     return forms
 
 
-async def prefix_records(bootstrap: str, prefix: str) -> dict[str, list[Any]]:
+async def prefix_records(settings: Settings) -> dict[str, list[Any]]:
     """Every record of every topic whose name starts with the test's prefix (internal ones too)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka.admin(settings)
     await admin.start()
     try:
-        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        names = [t for t in await admin.list_topics() if t.startswith(settings.topic_prefix)]
     finally:
         await admin.close()
-    return {name: await read_topic(bootstrap, name) for name in names}
+    return {name: await read_topic(settings, name) for name in names}
 
 
 def record_bytes(record: Any) -> bytes:
@@ -125,7 +130,7 @@ def record_bytes(record: Any) -> bytes:
 
 
 @pytest.mark.timeout(300)
-async def test_no_secret_anywhere_in_the_pipeline(kafka_bootstrap: str, tmp_path: Path) -> None:
+async def test_no_secret_anywhere_in_the_pipeline(secured_kafka: SecuredBroker, tmp_path: Path) -> None:
     # Destinations that echo the credential they were sent, in plain and in base64, in error bodies.
     echo = f"key {PUSHLY_KEY} refused"
     pushly, odp = await FakeDestination().start(), await FakeDestination().start()
@@ -140,8 +145,13 @@ async def test_no_secret_anywhere_in_the_pipeline(kafka_bootstrap: str, tmp_path
     keys_file = tmp_path / "keys.json"
     keys_file.write_bytes(orjson.dumps({"api_keys": [FILE_KEY], "oauth_signing_keys": [SIGNING_KEY]}))
     port = free_port()
-    settings = make_settings(
-        kafka_bootstrap,
+    # Every component logs in with the SASL password and presents a client certificate whose key
+    # only KAFKA_SSL_KEY_PASSWORD opens: both are secrets to look for.
+    client = make_client_pem(secured_kafka.broker.ca, tmp_path / "client-tls", "relay", KAFKA_KEY_PASSWORD)
+    settings = secured_kafka.relay_settings(
+        kafka_ssl_cert_file=client.cert,
+        kafka_ssl_key_file=client.key,
+        kafka_ssl_key_password=KAFKA_KEY_PASSWORD,
         ingress_api_keys=[API_KEY],
         oauth_clients={"lytics": CLIENT_SECRET},
         sources={"crm": {"api_keys": [CRM_KEY], "oauth_clients": {"crm-job": CRM_CLIENT_SECRET}}},
@@ -153,12 +163,20 @@ async def test_no_secret_anywhere_in_the_pipeline(kafka_bootstrap: str, tmp_path
         pushly_api_key=PUSHLY_KEY,
         odp_webhook_url=odp.url,
         odp_auth_token=f"Bearer {ODP_TOKEN}",
+        # The bodies carry no Lytics ID (_id), ODP's default identifier: send it the match field, so
+        # ODP is asked and its refusal (echoing the token) is read and scrubbed.
+        odp_identifier_source="email",
         odp_flush_seconds=0.3,
         sink_max_backoff_seconds=0.5,
         table_store="memory",
         log_level="DEBUG",
     )
-    await create_topics(settings)
+    kafka_secrets = [secured_kafka.password, KAFKA_KEY_PASSWORD]
+    created = await relay_cli(settings, "topics", "create")
+    assert created.returncode == 0, created.stderr
+    checked = await relay_cli(settings, "check")  # prints every effective setting, secrets masked
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    outputs = [(r.stdout + r.stderr).encode() for r in (created, checked)]  # what the commands printed
     topics = TopicNames.from_settings(settings)
     url = f"http://127.0.0.1:{port}"
     procs = [Component(settings, ["ingress"], tmp_path / "ingress.log")]
@@ -271,9 +289,9 @@ async def test_no_secret_anywhere_in_the_pipeline(kafka_bootstrap: str, tmp_path
             assert await call("/v1/lytics", no_id, {"X-API-KEY": API_KEY}) == 200
 
             async def settled() -> bool:
-                dead = [dict(r.headers) for r in await read_topic(kafka_bootstrap, topics.dead_letter)]
+                dead = [dict(r.headers) for r in await read_topic(settings, topics.dead_letter)]
                 by_sink = {s: sum(1 for h in dead if h.get("sink") == s.encode()) for s in ("pushly", "odp")}
-                analytics = len(await read_topic(kafka_bootstrap, topics.analytics))
+                analytics = len(await read_topic(settings, topics.analytics))
                 return (
                     by_sink["pushly"] + len(pushly.delivered()) == len(good)
                     and by_sink["odp"] == len(good)
@@ -298,14 +316,18 @@ async def test_no_secret_anywhere_in_the_pipeline(kafka_bootstrap: str, tmp_path
     assert {r.status for r in odp.requests} == {400}
 
     forms = {
-        form: secret for secret in [*PIPELINE_SECRETS, *presented, *tokens] for form in encoded_forms(secret)
+        form: secret
+        for secret in [*PIPELINE_SECRETS, *kafka_secrets, *presented, *tokens]
+        for form in encoded_forms(secret)
     }
     leaks: list[str] = []
     logs = {p.log.name: p.log.read_bytes() for p in procs}
     for name, text in logs.items():
         for n, line in enumerate(text.splitlines()):
             leaks += [f"{name}:{n + 1}: {forms[f]!r}" for f in forms if f in line]
-    records = await prefix_records(kafka_bootstrap, settings.topic_prefix)
+    for n, text in enumerate(outputs):
+        leaks += [f"command output {n}: {forms[f]!r}" for f in forms if f in text]
+    records = await prefix_records(settings)
     assert {topics.raw, topics.dead_letter, topics.membership_changes, topics.analytics} <= set(records)
     for topic, recs in records.items():
         for r in recs:
@@ -320,5 +342,6 @@ async def test_no_secret_anywhere_in_the_pipeline(kafka_bootstrap: str, tmp_path
     print(
         f"secret scan: {sum(len(t.splitlines()) for t in logs.values())} log lines, "
         f"{sum(len(v) for v in records.values())} records in {len(records)} topics, {len(answers)} answers, "
+        f"{len(outputs)} command outputs, "
         f"{len(forms)} secret forms: no leak"
     )

@@ -7,10 +7,11 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import REGISTRY
 
+from audience_relay import kafka
 from audience_relay.kafkautil import read_topic
 from audience_relay.lag import LagMonitor, partition_lag
 from audience_relay.settings import Settings
@@ -37,8 +38,8 @@ def test_partition_lag_counts_from_log_start_when_never_committed() -> None:
     assert partition_lag(ends, starts, {a: 7, c: 2}) == {a: 3, b: 6, c: 2}
 
 
-async def _commit(bootstrap: str, group: str, offsets: dict[TopicPartition, int]) -> None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+async def _commit(settings: Settings, group: str, offsets: dict[TopicPartition, int]) -> None:
+    consumer = kafka.consumer(settings, group_id=group)
     await consumer.start()
     try:
         consumer.assign(list(offsets))
@@ -47,11 +48,10 @@ async def _commit(bootstrap: str, group: str, offsets: dict[TopicPartition, int]
         await consumer.stop()
 
 
-async def test_lag_follows_the_groups_commits_whoever_owns_the_partition(settings: Settings) -> None:
-    topics = TopicNames.from_settings(settings)
-    bootstrap = settings.kafka_bootstrap_servers
-    group = f"{settings.topic_prefix}.sink.lagtest"
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+async def test_lag_follows_the_groups_commits_whoever_owns_the_partition(kafka_settings: Settings) -> None:
+    topics = TopicNames.from_settings(kafka_settings)
+    group = f"{kafka_settings.topic_prefix}.sink.lagtest"
+    producer = kafka.producer(kafka_settings)
     await producer.start()
     try:
         for partition, count in enumerate((5, 3, 0)):
@@ -59,15 +59,15 @@ async def test_lag_follows_the_groups_commits_whoever_owns_the_partition(setting
                 await producer.send_and_wait(topics.membership_changes, b"x%d" % n, partition=partition)
     finally:
         await producer.stop()
-    monitor = LagMonitor(bootstrap, group, [topics.membership_changes], interval=60)
+    monitor = LagMonitor(kafka_settings, group, [topics.membership_changes], interval=60)
     p0, p1 = TopicPartition(topics.membership_changes, 0), TopicPartition(topics.membership_changes, 1)
     try:
         lag = await _poll(monitor)
         assert lag[p0] == 5 and lag[p1] == 3, lag  # nothing committed yet: everything is lag
         # One member commits part of partition 0; the partition then moves and another member
         # (a new consumer of the same group) finishes partition 1.
-        await _commit(bootstrap, group, {p0: 2})
-        await _commit(bootstrap, group, {p1: 3})
+        await _commit(kafka_settings, group, {p0: 2})
+        await _commit(kafka_settings, group, {p1: 3})
         lag = await _poll(monitor)
     finally:
         await monitor.close()
@@ -115,19 +115,21 @@ async def _get(url: str) -> tuple[int, str]:
         return resp.status, await resp.text()
 
 
-async def test_logs_metrics_and_probes_of_running_components(settings: Settings, tmp_path: Path) -> None:
+async def test_logs_metrics_and_probes_of_running_components(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
     """A request id travels ingress → split logs and dead letters → membership change → sink logs.
 
     The worker and a sink run as real processes at DEBUG: every line of their output is JSON
     (faust's and aiokafka's loggers included); their probes and /metrics answer on their ports.
     """
-    topics = TopicNames.from_settings(settings)
+    topics = TopicNames.from_settings(kafka_settings)
     pushly = await FakeDestination().start()
     pushly.default = Answer(status=400, body='{"error": "bad field"}')  # given up → dead letter
-    ingress = await start_ingress(settings)
+    ingress = await start_ingress(kafka_settings)
     worker_port, sink_port = free_port(), free_port()
     worker = Component(
-        settings,
+        kafka_settings,
         ["worker"],
         tmp_path / "w1.log",
         RELAY_WORKER_DATA_DIR=str(tmp_path / "w1-data"),
@@ -138,7 +140,7 @@ async def test_logs_metrics_and_probes_of_running_components(settings: Settings,
         RELAY_WORKER_WEB_PORT=str(worker_port),
     )
     sink = Component(
-        settings,
+        kafka_settings,
         ["sink", "pushly"],
         tmp_path / "sink.log",
         RELAY_LOG_LEVEL="DEBUG",
@@ -149,7 +151,7 @@ async def test_logs_metrics_and_probes_of_running_components(settings: Settings,
         PUSHLY_API_KEY="pushly-secret-key",
     )
     try:
-        await wait_group(settings, 1)
+        await wait_group(kafka_settings, 1)
         body = orjson.loads((SAMPLES / "default-format-enter.json").read_bytes())
         nobody = {**body, "data": {k: v for k, v in body["data"].items() if k != "email"}}
         async with aiohttp.ClientSession(
@@ -171,8 +173,8 @@ async def test_logs_metrics_and_probes_of_running_components(settings: Settings,
             w = (await _get(f"http://127.0.0.1:{worker_port}/metrics"))[1]
             s = (await _get(f"http://127.0.0.1:{sink_port}/metrics"))[1]
             return (
-                f'group="{settings.topic_prefix}-processors"' in w
-                and f'group="{settings.topic_prefix}.sink.pushly"' in s
+                f'group="{kafka_settings.topic_prefix}-processors"' in w
+                and f'group="{kafka_settings.topic_prefix}.sink.pushly"' in s
             )
 
         await until_async(lag_exported, 60, "lag of both groups on /metrics", interval=0.5)
@@ -205,7 +207,7 @@ async def test_logs_metrics_and_probes_of_running_components(settings: Settings,
 
     changes = [
         orjson.loads(r.value)
-        for r in await read_topic(settings.kafka_bootstrap_servers, topics.membership_changes)
+        for r in await read_topic(kafka_settings.kafka_bootstrap_servers, topics.membership_changes)
     ]
     assert len(changes) == 1 and changes[0]["request_id"] == "req-obs-1"
     # (a rebalance could make the sink give the same batch up twice: every such line names it)
@@ -214,7 +216,7 @@ async def test_logs_metrics_and_probes_of_running_components(settings: Settings,
     assert all(line["request_ids"] == ["req-obs-1"] for line in given_up)
     assert "pushly-secret-key" not in (tmp_path / "sink.log").read_text()
 
-    letters = await read_topic(settings.kafka_bootstrap_servers, topics.dead_letter)
+    letters = await read_topic(kafka_settings.kafka_bootstrap_servers, topics.dead_letter)
     by_stage = {dict(r.headers)["stage"]: dict(r.headers) for r in letters}
     assert by_stage[b"split"]["request-id"] == b"req-obs-1"
     assert by_stage[b"sink"]["change-id"] == changes[0]["change_id"].encode()

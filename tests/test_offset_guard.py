@@ -21,10 +21,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.structs import TopicPartition
 from faust.types import TP
 
+from audience_relay import kafka
 from audience_relay.kafkautil import committed_offsets, produce_all, read_topic
 from devtools.wait import until_async
 
@@ -71,7 +72,7 @@ class Worker:
 
 
 async def _members(bootstrap: str, group: str) -> tuple[str, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka.admin(bootstrap)
     await admin.start()
     try:
         [response] = await admin.describe_consumer_groups([group])
@@ -93,7 +94,7 @@ async def run_window(bootstrap: str, tmp: Path, guard: str) -> tuple[set[int], i
     """The reproduction; (offsets processed, offset committed, logs)."""
     app_id = f"t{uuid.uuid4().hex[:10]}-window"
     names = (f"{app_id}.in", f"{app_id}.out")
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka.admin(bootstrap)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(n, 1, 1) for n in names])

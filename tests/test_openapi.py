@@ -111,9 +111,10 @@ def statuses_in_code(handler: str) -> set[int]:
 
 
 def middleware_statuses() -> set[int]:
-    """Statuses answered by middlewares the application installs (they apply in front of routes)."""
+    """Statuses answered in front of the routes: by the middlewares the application installs, and by
+    the listener's request hook (``ingress.guard._bounds_bodies``: the body deadline)."""
     functions = _module_functions()
-    names: set[str] = set()
+    names: set[str] = {"_bounds_bodies"}
     for node in ast.walk(functions["build_app"]):
         if isinstance(node, ast.keyword) and node.arg == "middlewares":
             names |= {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
@@ -182,12 +183,12 @@ async def test_document_is_served_with_credentials(ingress: RunningIngress) -> N
     ids=["multipart-without-boundary", "over-the-size-limit", "wrong-grant"],
 )
 async def test_token_endpoint_answers_unreadable_bodies_with_json(
-    body: bytes, content_type: str, status: int, error: str, kafka_bootstrap: str
+    body: bytes, content_type: str, status: int, error: str
 ) -> None:
     # Regression: a multipart body without a boundary was a 500, an oversized form a text/plain 413.
-    from tests.conftest import make_settings, start_ingress
+    from tests.conftest import NO_BROKER, make_settings, start_ingress
 
-    running = await start_ingress(make_settings(kafka_bootstrap, max_body_bytes=4096), wait_connected=False)
+    running = await start_ingress(make_settings(NO_BROKER, max_body_bytes=4096), wait_connected=False)
     try:
         headers = {"Content-Type": content_type}
         async with (

@@ -13,10 +13,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
+from audience_relay import kafka
 from audience_relay.kafkautil import committed_offsets, end_offsets, produce_all, read_topic, topic_size
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
@@ -294,7 +294,7 @@ async def small_deployment(kafka_bootstrap: str, partitions: int = 3, users: int
     settings = make_settings(kafka_bootstrap, partitions=partitions)
     await create_topics(settings)  # the changelog too
     names = TopicNames.from_settings(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True)
+    producer = kafka.producer(settings)
     await producer.start()
     try:
         for event in segment_events(range(users)):
@@ -340,7 +340,7 @@ async def test_plan_prints_the_move_and_changes_nothing(kafka_bootstrap: str) ->
         assert t.name in result.stdout
     assert "RELAY_PARTITIONS=6" in result.stdout
     assert await sizes(settings) == before
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = kafka.admin(settings)
     await admin.start()
     try:
         assert parts.state_topic(settings) not in await admin.list_topics()
@@ -367,12 +367,7 @@ async def test_apply_refuses_bad_input_and_busy_groups(kafka_bootstrap: str, tmp
     # A sink reading, and behind.
     await send_events(settings, segment_events(range(1)))  # unprocessed: a note, not a refusal
     await produce_all(kafka_bootstrap, names.membership_changes, [(b"k", b"{}", [])])
-    sink = AIOKafkaConsumer(
-        names.membership_changes,
-        bootstrap_servers=kafka_bootstrap,
-        group_id=f"{settings.topic_prefix}.sink.pushly",
-        enable_auto_commit=False,
-    )
+    sink = kafka.consumer(settings, names.membership_changes, group_id=f"{settings.topic_prefix}.sink.pushly")
     await sink.start()
     try:
         await until_async(lambda: _assigned(sink), 60, what="the sink consumer's assignment")
@@ -413,7 +408,7 @@ async def test_apply_resumes_after_an_interruption_and_workers_wait_for_it(
     finally:
         await consumer.stop()
     assert half
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True)
+    producer = kafka.producer(settings)
     await producer.start()
     try:
         for key, (target, value) in half.items():
@@ -465,7 +460,7 @@ async def test_unprocessed_segment_events_move_to_their_new_partitions(kafka_boo
         + segment_events(range(200), "enter", 20)
     )
     await send_events(settings, pending)
-    committer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    committer = kafka.consumer(settings, group_id=group)
     await committer.start()
     try:
         tps = [TopicPartition(names.segment_events, p) for p in range(3)]

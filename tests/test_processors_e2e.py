@@ -7,8 +7,8 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiokafka.admin import AIOKafkaAdminClient
 
+from audience_relay import kafka
 from audience_relay.kafkautil import produce_all, read_topic
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
@@ -188,7 +188,7 @@ async def test_two_workers_share_partitions_and_match_one(kafka_bootstrap: str, 
         await wait_group(settings, 2)
         await preload(settings, bodies)
         changes = await wait_for_outputs(settings, workers, expected_changes, expected_table)
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        admin = kafka.admin(settings)
         await admin.start()
         try:
             [group] = await admin.describe_consumer_groups([f"{settings.topic_prefix}-processors"])

@@ -5,16 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from audience_relay import kafka
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from tests.conftest import make_settings
 
 
 async def _configs(bootstrap: str, topic: str) -> dict[str, str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka.admin(bootstrap)
     await admin.start()
     try:
         [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])

@@ -158,3 +158,44 @@ def test_local_table_copy_is_kept_only_after_a_clean_shutdown(tmp_path: Path) ->
     (data / CLEAN_MARKER).touch()
     assert prepare_data_dir(data) is True  # clean shutdown: kept, marker consumed
     assert (data / "table.db").exists() and not (data / CLEAN_MARKER).exists()
+
+
+# --- the connection guard's head meter (ingress/guard.py) --------------------------------------------
+
+
+@given(
+    lines=st.lists(st.text(alphabet=string.ascii_letters + ": /-", min_size=1, max_size=40), max_size=8),
+    leading=st.integers(0, 3),
+    body=st.binary(max_size=64),
+    cuts=st.lists(st.integers(0, 600), max_size=6),
+)
+def test_the_head_meter_finds_the_end_of_a_head_however_it_is_cut(
+    lines: list[str], leading: int, body: bytes, cuts: list[int]
+) -> None:
+    from ingress.guard import HeadMeter
+
+    head = b"\r\n" * leading + b"GET / HTTP/1.1\r\n" + b"".join(f"{x}\r\n".encode() for x in lines) + b"\r\n"
+    stream = head + body
+    meter = HeadMeter(limit=10_000)
+    offset = 0
+    for cut in [*sorted(c for c in cuts if c < len(stream)), len(stream)]:
+        if cut <= offset:
+            continue
+        used = meter.feed(stream[offset:cut])
+        if used is not None:
+            assert offset + used == len(head)  # the body's first byte is not part of the head
+            assert meter.size == len(head)
+            return
+        offset = cut
+    raise AssertionError("the head's end was never found")
+
+
+def test_a_head_over_the_limit_is_refused_and_leading_empty_lines_do_not_end_one() -> None:
+    from ingress.guard import HeadMeter, HeadTooLarge
+
+    meter = HeadMeter(limit=64)
+    assert meter.feed(b"\r\n\r\n") is None  # empty lines before the request line end nothing
+    assert meter.feed(b"GET / HTTP/1.1\r\nA: b\r\n") is None
+    assert meter.feed(b"\r\nbody") == 2
+    with pytest.raises(HeadTooLarge):
+        HeadMeter(limit=64).feed(b"GET / HTTP/1.1\r\nX: " + b"a" * 60)
