@@ -69,6 +69,9 @@ class Batch:
     #: Re-formed from the commit metadata after a restart or a rebalance.
     recovered: bool = False
     dispatched: bool = False
+    #: Sent and its outcome records handed to the producer: its identifiers are free again, though it
+    #: is finished (for the commit) only once those records are acknowledged.
+    released: bool = False
     _idents: frozenset[bytes] | None = field(default=None, repr=False)
 
     def idents(self) -> frozenset[bytes]:
@@ -246,9 +249,12 @@ class Window:
         if self.base is None or self.recovering():
             return out, None
         busy: set[bytes] = set()
+        active = 0
         for b in self.open:
-            busy |= b.idents()
-        while self.pending and len(self.open) < max_open:
+            if not b.released:
+                busy |= b.idents()
+                active += 1
+        while self.pending and active < max_open:
             taken, skipped, cut = self._candidate(batch_size, busy)
             if not taken:
                 return out, None  # every pending identifier is busy: a finishing batch wakes us
@@ -261,6 +267,7 @@ class Window:
             self._remove_pending(taken)
             self.open.append(batch)
             busy |= batch.idents()
+            active += 1
             self.version += 1
             out.append(batch)
         return out, None
@@ -296,6 +303,11 @@ class Window:
             return
         gone = {rec.offset for rec, _ in taken}
         self.pending = deque(p for p in self.pending if p[0].offset not in gone)
+
+    def release(self, batch: Batch) -> None:
+        """``batch`` was sent and its outcome records are on their way (in order, per key): a later
+        change of its identifiers may go now; its offsets are done only with ``finish``."""
+        batch.released = True
 
     def finish(self, batch: Batch) -> None:
         """``batch`` was delivered, dead-lettered or filtered: its offsets are done."""

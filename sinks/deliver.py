@@ -110,10 +110,14 @@ class _Verdict:
 
 
 @dataclass
-class _Acks:
-    """Broker acknowledgements to wait for before the batch counts as done."""
+class Acks:
+    """Broker acknowledgements to wait for before a batch counts as done (and may be committed)."""
 
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    async def wait(self) -> None:
+        for future in self.futures:
+            await future
 
 
 def _decode(value: bytes | None) -> dict[str, Any] | None:
@@ -175,10 +179,18 @@ class Deliverer:
     # --- one batch ---------------------------------------------------------------------------
 
     async def process(self, entries: list[Entry]) -> Tally:
-        """Deliver ``entries`` as one batch (split only to isolate refusals); see the module docstring."""
+        """Deliver ``entries`` as one batch (split only to isolate refusals), and wait until the broker
+        acknowledged their dead letters and log records; see the module docstring."""
+        tally, acks = await self.send(entries)
+        await acks.wait()
+        return tally
+
+    async def send(self, entries: list[Entry]) -> tuple[Tally, Acks]:
+        """Like ``process``, but returns as soon as the dead letters and log records are handed to the
+        producer (which keeps their order per key); ``Acks.wait`` waits for the broker."""
         started = time.monotonic()
         tally = Tally()
-        acks = _Acks()
+        acks = Acks()
         sendable: list[_Pending] = []
         for entry in entries:
             change = entry.change if entry.change is not None else _decode(entry.value)
@@ -199,14 +211,12 @@ class Deliverer:
         if sendable:
             for verdict in await self._isolate(sendable):
                 await self._conclude(acks, verdict, tally)
-        for future in acks.futures:
-            await future
         for outcome in ("delivered", "dead_lettered", "filtered", "unknown_identifier"):
             count = getattr(tally, outcome)
             if count:
                 metrics.RECORDS.labels(self.name, outcome).inc(count)
         metrics.LATENCY.labels(self.name).observe(time.monotonic() - started)
-        return tally
+        return tally, acks
 
     async def _isolate(self, batch: list[_Pending]) -> list[_Verdict]:
         """Send ``batch``; when it is refused, find the refused records by halving it."""
@@ -286,7 +296,7 @@ class Deliverer:
                 finally:
                     metrics.INFLIGHT.labels(self.name).dec()
 
-    async def _conclude(self, acks: _Acks, verdict: _Verdict, tally: Tally) -> None:
+    async def _conclude(self, acks: Acks, verdict: _Verdict, tally: Tally) -> None:
         pending, result = verdict.pending, verdict.result
         change = pending.item.change
         if isinstance(result, Delivered):
@@ -324,7 +334,7 @@ class Deliverer:
 
     async def _dead_letter(
         self,
-        acks: _Acks,
+        acks: Acks,
         entry: Entry,
         code: str,
         reason: str,
@@ -363,7 +373,7 @@ class Deliverer:
 
     async def _log(
         self,
-        acks: _Acks,
+        acks: Acks,
         change: dict[str, Any],
         field_change: bool,
         outcome: str,
@@ -406,7 +416,6 @@ class Deliverer:
 
     async def log_superseded(self, entry: Entry, change: dict[str, Any], reason: str) -> None:
         """A replay skipped ``change``: log it (the log's last word for that user says so)."""
-        acks = _Acks()
+        acks = Acks()
         await self._log(acks, change, entry.field_change, "superseded", reason=reason)
-        for future in acks.futures:
-            await future
+        await acks.wait()

@@ -94,8 +94,10 @@ class SinkEngine:
         self.batch_size = spec.batch_size
         self.flush_seconds = spec.flush_seconds
         self.concurrency = spec.concurrency
-        #: Open batches per partition; by default as many as requests may be in flight overall.
-        self.per_partition = max(1, per_partition or spec.concurrency)
+        #: Open batches per partition. A batch holds a request slot only while its request is in flight;
+        #: it stays open a little longer (its dead letters and log records are acknowledged), so by
+        #: default twice as many as requests may be in flight overall.
+        self.per_partition = max(1, per_partition or 2 * spec.concurrency)
         self.topics = TopicNames.from_settings(settings)
         self.group = group_id(settings, self.name)
         self.deliverer = Deliverer(settings, spec, secrets or [])
@@ -237,7 +239,10 @@ class SinkEngine:
             await self._until_committed(window, version)
         if batch.records:
             field_change = tp.topic == self.topics.field_changes
-            tally = await self.deliverer.process([Entry.of(r, field_change) for r in batch.records])
+            tally, acks = await self.deliverer.send([Entry.of(r, field_change) for r in batch.records])
+            window.release(batch)
+            self._wake.set()  # its identifiers' later changes may go now
+            await acks.wait()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "batch done",
