@@ -220,52 +220,54 @@ async def main() -> None:
         names = TopicNames.from_settings(settings)
         await create_topics(settings)
         work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
-        procs = []
+        procs: list[subprocess.Popen[bytes]] = []
         ingress: IngressProcess | None = None
         bodies: list[bytes] = []
-        if args.sinks_only:
-            loading = time.monotonic()
-            await preload_changes(settings, args.users, args.audiences)
-            print(f"  {expected:,} changes written in {time.monotonic() - loading:.1f} s", flush=True)
-        else:
-            procs.append(
-                spawn(
-                    settings,
-                    ["worker"],
-                    work / "worker.log",
-                    RELAY_WORKER_DATA_DIR=str(work / "worker"),
-                    RELAY_WORKER_WEB_PORT=str(free_port()),
-                )
-            )
-            ingress = IngressProcess(bootstrap, settings.topic_prefix, KEY)
-            bodies = batches(args.users, args.audiences, args.batch)
-        procs += [
-            spawn(settings, ["sink", s], work / f"sink-{s}.log", RELAY_SINK_WEB_PORT=str(free_port()))
-            for s in chosen
-        ]
-        default_batch = Settings.model_fields["pushly_batch_size"].default
-        how = (
-            "written to membership-changes, sinks only"
-            if args.sinks_only
-            else (f"in {len(bodies):,} bodies of {args.batch} users")
-        )
-        print(
-            f"backfill: {args.users:,} users x {args.audiences} audiences = {expected:,} memberships "
-            f"{how}; {args.partitions} partitions; sinks {', '.join(chosen)}; pushly batch "
-            f"size {settings.pushly_batch_size}"
-            f"{' (its default)' if settings.pushly_batch_size == default_batch else ''}, concurrency "
-            f"{settings.pushly_concurrency}; odp batch size {settings.odp_batch_size}, concurrency "
-            f"{settings.odp_concurrency}, answers after {args.odp_latency_ms:.0f} ms, identifier "
-            f"{settings.odp_identifier_source}; logs in {work}",
-            flush=True,
-        )
-        started = time.monotonic()
-        posting = asyncio.create_task(post_all(ingress.port, bodies, args.clients)) if ingress else None
+        posting: asyncio.Task[dict[int, int]] | None = None
         posted_at = None
         analytics = 0
         complete_at: dict[str, float] = {}
         tick = 0
+        started = time.monotonic()
         try:
+            if args.sinks_only:
+                loading = time.monotonic()
+                await preload_changes(settings, args.users, args.audiences)
+                print(f"  {expected:,} changes written in {time.monotonic() - loading:.1f} s", flush=True)
+            else:
+                procs.append(
+                    spawn(
+                        settings,
+                        ["worker"],
+                        work / "worker.log",
+                        RELAY_WORKER_DATA_DIR=str(work / "worker"),
+                        RELAY_WORKER_WEB_PORT=str(free_port()),
+                    )
+                )
+                ingress = IngressProcess(bootstrap, settings.topic_prefix, KEY)
+                bodies = batches(args.users, args.audiences, args.batch)
+            procs += [
+                spawn(settings, ["sink", s], work / f"sink-{s}.log", RELAY_SINK_WEB_PORT=str(free_port()))
+                for s in chosen
+            ]
+            default_batch = Settings.model_fields["pushly_batch_size"].default
+            how = (
+                "written to membership-changes, sinks only"
+                if args.sinks_only
+                else (f"in {len(bodies):,} bodies of {args.batch} users")
+            )
+            print(
+                f"backfill: {args.users:,} users x {args.audiences} audiences = {expected:,} memberships "
+                f"{how}; {args.partitions} partitions; sinks {', '.join(chosen)}; pushly batch "
+                f"size {settings.pushly_batch_size}"
+                f"{' (its default)' if settings.pushly_batch_size == default_batch else ''}, concurrency "
+                f"{settings.pushly_concurrency}; odp batch size {settings.odp_batch_size}, concurrency "
+                f"{settings.odp_concurrency}, answers after {args.odp_latency_ms:.0f} ms, identifier "
+                f"{settings.odp_identifier_source}; logs in {work}",
+                flush=True,
+            )
+            started = time.monotonic()
+            posting = asyncio.create_task(post_all(ingress.port, bodies, args.clients)) if ingress else None
             while True:
                 await asyncio.sleep(1)  # completion check cadence (a progress line every 5 s)
                 tick += 1

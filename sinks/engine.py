@@ -175,7 +175,10 @@ class SinkEngine:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
-            await self._commit_now()
+            # Bounded: a stop while the broker is away must not hang (the next owner re-forms the
+            # open batches from the last commit that got through).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._commit_now(), self.settings.sink_timeout_seconds)
             await self._consumer.stop()
             await self._admin.close()
             await self.deliverer.stop()
