@@ -3,7 +3,7 @@
 faust builds its own aiokafka producer and consumer (in the consumer's thread) and has no setting
 for their retry backoff; this transport guards both as they are made, through faust's own factory
 methods (``Producer._new_producer``, ``AIOKafkaConsumerThread._create_consumer``). Selected by the
-``guardedkafka://`` broker scheme; ``processors/offsets.py``'s transport builds on it.
+``guardedkafka://`` broker scheme.
 """
 
 from __future__ import annotations

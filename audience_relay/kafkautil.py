@@ -113,13 +113,23 @@ async def group_lag(target: Target, group: str, topics: list[str]) -> int:
 
 
 async def produce_all(
-    target: Target, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]
+    target: Target,
+    topic: str,
+    records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+    partitions: list[int] | None = None,
 ) -> None:
-    """Produce ``(key, value, headers)`` records with an idempotent producer and wait for every ack."""
+    """Produce ``(key, value, headers)`` records with an idempotent producer and wait for every ack.
+
+    ``partitions``, when given, places each record (else the key's default partitioner does).
+    """
     producer = kafka.producer(target, linger_ms=5, max_batch_size=1 << 20, max_request_size=64 << 20)
     await producer.start()
     try:
-        futures = [await producer.send(topic, value=v, key=k, headers=h) for k, v, h in records]
+        places = partitions if partitions is not None else [None] * len(records)
+        futures = [
+            await producer.send(topic, value=v, key=k, headers=h, partition=p)
+            for (k, v, h), p in zip(records, places, strict=True)
+        ]
         await producer.flush()
         for fut in futures:
             await fut

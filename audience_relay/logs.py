@@ -116,6 +116,8 @@ class RepeatFilter(logging.Filter):
 
     def flush(self, handler: logging.Handler) -> None:
         """Write one line per text with repeats left out since it was last written."""
+        if getattr(getattr(handler, "stream", None), "closed", False):
+            return  # at exit under a test runner, whose captured stream is gone already
         with self._lock:
             pending = [(key, f) for key, f in self._seen.items() if f.left_out]
             for key, _ in pending:

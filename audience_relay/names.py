@@ -2,8 +2,8 @@
 
 - ``SINKS``: the destinations a sink process can run (the CLI's choices, the consumer groups, ``up``);
 - ``TopicNames``: every topic;
-- ``GroupNames``: every consumer group (the processors' faust app id, one per sink, one per replay,
-  one per resync);
+- ``GroupNames``: every consumer group (the workers' three, one per sink, one per replay, one per
+  resync);
 - ``Names``: both, from the settings.
 
 Nothing here does I/O; the settings are imported for type hints only, so ``settings.py`` can use
@@ -27,8 +27,8 @@ SINK_WEB_PORTS: Final[dict[str, int]] = {"pushly": 9108, "odp": 9109, "analytics
 
 
 def processors_app_id(prefix: str) -> str:
-    """The processors' faust app id: their consumer group and the prefix of faust's own topics."""
-    return f"{prefix}-processors"
+    """The processors' faust app id: the table group's name and the folder of a worker's tables."""
+    return f"{prefix}-processors-tables"
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,10 @@ class TopicNames:
     membership_changes: str
     membership: str
     analytics: str
-    #: The membership table's changelog (faust names it ``<app id>-<table>-changelog``).
-    changelog: str
+    #: User-field change events (``FieldChange``), keyed by identifier.
+    field_changes: str
     #: The compacted record of the last partition move (``audience-relay partitions apply``).
     partition_moves: str
-    #: Field-change events (FieldChange v1, keyed by identifier), for the analytics sink.
-    field_changes: str
     #: Last delivery outcome per identifier, audience and destination (compacted; sinks/deliver.py).
     deliveries: str
 
@@ -61,9 +59,8 @@ class TopicNames:
             membership_changes=f"{p}.membership-changes",
             membership=f"{p}.membership",
             analytics=settings.analytics_topic or f"{p}.analytics",
-            changelog=f"{processors_app_id(p)}-membership-changelog",
-            partition_moves=f"{p}.partitions",
             field_changes=f"{p}.field-changes",
+            partition_moves=f"{p}.partitions",
             deliveries=f"{p}.deliveries",
         )
 
@@ -72,8 +69,14 @@ class TopicNames:
 class GroupNames:
     """Every consumer group name, derived from the prefix once."""
 
-    #: The processors' group: faust uses its app id as the group id.
-    processors: str
+    #: The split stage (``webhooks.raw``): a regular consumer group of the workers.
+    split: str
+    #: The membership table's faust app (its app id): assigns the table partitions, active and
+    #: standby, to the workers; it commits no offsets.
+    tables: str
+    #: Offsets of ``segment-events`` committed by the membership stage. The group has no members:
+    #: the table assignment decides which worker reads which partition.
+    membership: str
     #: ``<prefix>.sink.<name>`` for each of ``SINKS``.
     sinks: dict[str, str]
     #: ``<prefix>.dead-letter-replay.<name>``: where ``dead-letter replay`` remembers its position.
@@ -86,7 +89,9 @@ class GroupNames:
         """The group names for ``settings`` (``RELAY_TOPIC_PREFIX``)."""
         p = settings.topic_prefix
         return cls(
-            processors=processors_app_id(p),
+            split=f"{p}-processors",
+            tables=processors_app_id(p),
+            membership=f"{p}-processors-membership",
             sinks={name: f"{p}.sink.{name}" for name in SINKS},
             replays={name: f"{p}.dead-letter-replay.{name}" for name in SINKS},
             resyncs={name: f"{p}.resync.{name}" for name in SINKS},

@@ -259,6 +259,11 @@ class Settings(LocalSettings):
     match_field: str = Field(
         "email", min_length=1, validation_alias=AliasChoices("RELAY_MATCH_FIELD", "match_field")
     )
+    #: Other fields of the Lytics record kept with each event and state (destinations may send them).
+    identifier_fields: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["_id"],
+        validation_alias=AliasChoices("RELAY_IDENTIFIER_FIELDS", "identifier_fields"),
+    )
 
     table_store: Literal["rocksdb", "memory"] = Field(
         "rocksdb", validation_alias=AliasChoices("RELAY_TABLE_STORE", "table_store")
@@ -294,12 +299,8 @@ class Settings(LocalSettings):
         ),
     )
     #: Off only to reproduce faust 0.15's offset bug (processors/offsets.py); keep it on.
-    offset_guard: bool = Field(True, validation_alias=AliasChoices("RELAY_OFFSET_GUARD", "offset_guard"))
     processor_batch: int = Field(
         1000, ge=1, validation_alias=AliasChoices("RELAY_PROCESSOR_BATCH", "processor_batch")
-    )
-    processor_batch_ms: int = Field(
-        50, ge=1, validation_alias=AliasChoices("RELAY_PROCESSOR_BATCH_MS", "processor_batch_ms")
     )
 
     # --- Sinks ------------------------------------------------------------------------------
@@ -435,6 +436,11 @@ class Settings(LocalSettings):
     @field_validator("ingress_api_keys", mode="before")
     @classmethod
     def _keys_from_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("identifier_fields", mode="before")
+    @classmethod
+    def _identifier_fields(cls, value: Any) -> Any:
         return _split_csv(value)
 
     @field_validator(
@@ -580,6 +586,10 @@ class Settings(LocalSettings):
                 continue
             env[str(var)] = _env_text(name, value)
         return env
+
+    def kept_identifier_fields(self) -> tuple[str, ...]:
+        """The identifier fields kept with every segment event and state (match field excluded)."""
+        return tuple(dict.fromkeys(f for f in self.identifier_fields if f and f != self.match_field))
 
     def has_credentials(self) -> bool:
         """True when at least one way to authenticate is configured."""

@@ -69,16 +69,13 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             },
         ),
         TopicSpec(names.membership_changes, n, {"cleanup.policy": "delete"}),
-        # Current state: one record per (identifier, audience); compaction keeps the newest.
+        # Current state: one record per (identifier, audience); compaction keeps the newest. It is
+        # also the membership table's changelog (recovery and standby copies read it).
         TopicSpec(names.membership, n, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
-        TopicSpec(names.analytics, n, {"cleanup.policy": "delete"}),
         TopicSpec(names.field_changes, n, {"cleanup.policy": "delete"}),
+        TopicSpec(names.analytics, n, {"cleanup.policy": "delete"}),
         # One record per (identifier, audience, destination): compaction keeps the last outcome.
         TopicSpec(names.deliveries, n, {"cleanup.policy": "compact"}),
-        # Created here, not left to the worker's faust: a changelog it creates at start can still be
-        # described with no partitions when the first batch writes the table, and faust then stops
-        # the agent with PartitionsMismatch (seen on a freshly started broker).
-        TopicSpec(names.changelog, n, {"cleanup.policy": "compact"}),
     ]
     return [TopicSpec(s.name, s.partitions, {**s.config, **replicas}) for s in specs]
 

@@ -2,8 +2,8 @@
 
     python -m bench.partitions [--identifiers 250000] [--audiences 4] [--from-partitions 4] [--to 12]
 
-The membership state is pre-loaded straight into the table's changelog and the compacted membership
-topic, with values computed by the processors' own pure functions (``processors.membership.fold``)
+The membership state is pre-loaded straight into the compacted membership topic (the table's
+changelog), with values computed by the processors' own pure functions (``processors.membership.fold``)
 and placed where a worker would have put them — building it through a worker would take far longer
 than the move being measured. Then ``plan`` and ``apply`` run against it and the figures are printed.
 """
@@ -36,7 +36,7 @@ def events_for(n: int, audiences: int) -> list[dict[str, Any]]:
     ident = f"user{n}@example.com"
     return [
         {
-            "schema_version": 1,
+            "schema_version": 2,
             "event_id": f"e{n}-{a}",
             "identifier": ident,
             "match_field": "email",
@@ -46,19 +46,18 @@ def events_for(n: int, audiences: int) -> list[dict[str, Any]]:
             "event_time": f"2026-11-01T10:00:{a:02d}Z",
             "event_time_source": "segment_event",
             "lytics_user_id": str(n),
+            "identifiers": {},
             "source": "default",
             "request_id": f"bench-{n}",
             "received_at": "2026-11-01T10:00:00Z",
-            "fields": None,
         }
         for a in range(audiences)
     ]
 
 
 async def preload(settings: Settings, identifiers: int, audiences: int) -> int:
-    """Changelog and membership records for every identifier; returns the memberships written."""
+    """Membership records for every identifier; returns the memberships written."""
     names = TopicNames.from_settings(settings)
-    changelog = parts.changelog_topic(settings)  # created with the others by create_topics
     producer = kafka.producer(
         settings,
         linger_ms=20,
@@ -73,21 +72,13 @@ async def preload(settings: Settings, identifiers: int, audiences: int) -> int:
     try:
         pending = []
         for n in range(identifiers):
-            value, emitted = fold(events_for(n, audiences))
-            ident = f"user{n}@example.com"
-            pending.append(
-                await producer.send(
-                    changelog,
-                    orjson.dumps(value),
-                    key=orjson.dumps(ident),
-                    partition=partition_for(ident, settings.partitions),
+            states, _ = fold(events_for(n, audiences))
+            partition = partition_for(f"user{n}@example.com", settings.partitions)
+            for key, state in states.items():
+                pending.append(
+                    await producer.send(names.membership, orjson.dumps(state), key=key, partition=partition)
                 )
-            )
-            for record in emitted:
-                if "change_id" not in record:  # the MembershipState half of each flip
-                    key = f"{ident}\x1f{record['audience_id']}".encode()
-                    pending.append(await producer.send(names.membership, orjson.dumps(record), key=key))
-                    memberships += 1
+                memberships += 1
             if len(pending) >= 50_000:
                 await asyncio.gather(*pending)
                 pending = []
@@ -110,9 +101,8 @@ async def main(args: argparse.Namespace) -> None:
         t0 = time.monotonic()
         memberships = await preload(settings, args.identifiers, args.audiences)
         preload_s = time.monotonic() - t0
-        changelog = parts.changelog_topic(settings)
         membership = TopicNames.from_settings(settings).membership
-        records = await topic_size(bootstrap, changelog) + await topic_size(bootstrap, membership)
+        records = await topic_size(bootstrap, membership)
 
         out = io.StringIO()
         t0 = time.monotonic()
@@ -124,15 +114,15 @@ async def main(args: argparse.Namespace) -> None:
         apply_s = time.monotonic() - t0
         assert code == 0, out.getvalue()
         print(out.getvalue())
-        after = await topic_size(bootstrap, changelog) + await topic_size(bootstrap, membership)
+        after = await topic_size(bootstrap, membership)
         written = after - records
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(
             f"state pre-loaded directly (values from processors.membership.fold, not through a worker): "
             f"{args.identifiers:,} identifiers x {args.audiences} audiences = {memberships:,} memberships, "
-            f"{records:,} records in the changelog + membership topics, in {preload_s:.1f} s"
+            f"{records:,} records in the membership topic, in {preload_s:.1f} s"
         )
-        print(f"partitions plan --to {args.to}: {plan_s:.1f} s (reads both topics, counts the keys to move)")
+        print(f"partitions plan --to {args.to}: {plan_s:.1f} s (reads the state topic, counts keys to move)")
         print(
             f"partitions apply {args.from_partitions} -> {args.to}: {apply_s:.1f} s; "
             f"{written:,} records written (values + tombstones), "

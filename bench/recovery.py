@@ -2,8 +2,9 @@
 
 How the table is filled: the segment events the split agent would emit for N/4 users x 4 audiences
 (built with the same ``SegmentEvent.make_id`` and serialized with orjson like the agent does) are
-produced in bulk to ``<prefix>.segment-events`` keyed by identifier; two workers' membership agents
-then build the table, its changelog and the changes exactly as in production. Only the split step
+produced in bulk to ``<prefix>.segment-events`` as the split stage groups them; two workers'
+membership stages then build the table (its changelog is the membership topic) and the changes
+exactly as in production. Only the split step
 is skipped (it costs ~200 µs per user here and does not touch the table).
 
 Then, per variant:
@@ -18,9 +19,9 @@ Right after the kill one probe segment event (a new identifier) is produced to e
 Printed: when the group noticed (the session timeout, RELAY_WORKER_SESSION_TIMEOUT_SECONDS, set by
 ``--session-timeout``), and until each probe's change came out on the survivor: the slowest
 partition is one the dead worker owned, whose table the survivor had to restore (from its standby
-copy plus the changelog tail, or from the whole changelog). Then the killed worker is restarted (its
-local copy is wiped, as after any crash) and the time until it serves again (group settled and a
-new probe per partition answered) is printed.
+copy plus the changelog tail, or from the whole changelog). Then the killed worker is restarted (it
+keeps its local copy: the copy never holds more than the changelog) and the time until it serves
+again (group settled and a new probe per partition answered) is printed.
 
     python -m bench.recovery [--memberships 1000000] [--partitions 8] [--session-timeout 10]
 """
@@ -42,6 +43,7 @@ from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import arguments, bench_settings, broker
 from devtools.processes import Component, group_state, start_worker
+from processors.stages import segment_records
 from schemas.records import SegmentEvent
 
 EVENT_TIME = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
@@ -52,7 +54,7 @@ def segment_event(identifier: str, audience: int, received: datetime) -> dict[st
     """The SegmentEvent the split agent emits for one 'enter' of ``identifier`` (default format)."""
     audience_id = f"aud{audience:04d}"
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "event_id": SegmentEvent.make_id(identifier, audience_id, "enter", EVENT_TIME),
         "identifier": identifier,
         "match_field": "email",
@@ -62,20 +64,31 @@ def segment_event(identifier: str, audience: int, received: datetime) -> dict[st
         "event_time": EVENT_TIME,
         "event_time_source": "segment_event",
         "lytics_user_id": identifier.split("@")[0].removeprefix("user"),
+        "identifiers": {},
         "source": "bench",
         "request_id": "bench-preload",
         "received_at": received,
-        "fields": None,
     }
 
 
-def records(start: int, count: int, audiences: int) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+def grouped(events: list[dict[str, Any]], partitions: int) -> tuple[list[Any], list[int]]:
+    """``SegmentEvents`` records (and their partitions) as the split stage makes them, 300 users a body."""
+    out: list[Any] = []
+    places: list[int] = []
+    for body in range(0, len(events), 300):
+        for partition, value in segment_records(events[body : body + 300], partitions):
+            out.append((None, value, []))
+            places.append(partition)
+    return out, places
+
+
+def records(start: int, count: int, audiences: int, partitions: int) -> tuple[list[Any], list[int]]:
     received = datetime.now(UTC)
-    out = []
-    for n in range(start, start + count):
-        ident = f"user{n // audiences}@example.com"
-        out.append((ident.encode(), orjson.dumps(segment_event(ident, n % audiences, received)), []))
-    return out
+    events = [
+        segment_event(f"user{n // audiences}@example.com", n % audiences, received)
+        for n in range(start, start + count)
+    ]
+    return grouped(orjson.loads(orjson.dumps(events)), partitions)
 
 
 def probe_identifiers(tag: str, partitions: int) -> dict[int, str]:
@@ -98,11 +111,8 @@ async def probe(settings: Settings, tag: str, started: float) -> dict[int, float
     idents = probe_identifiers(tag, settings.partitions)
     since = await end_offsets(bootstrap, names.membership_changes)
     received = datetime.now(UTC)
-    await produce_all(
-        bootstrap,
-        names.segment_events,
-        [(i.encode(), orjson.dumps(segment_event(i, 0, received)), []) for i in idents.values()],
-    )
+    events = orjson.loads(orjson.dumps([segment_event(i, 0, received) for i in idents.values()]))
+    await produce_all(bootstrap, names.segment_events, *grouped(events, settings.partitions))
     by_ident = {i: p for p, i in idents.items()}
     answered: dict[int, float] = {}
     deadline = time.monotonic() + 900
@@ -212,7 +222,9 @@ async def main() -> None:
         t0 = time.monotonic()
         for start in range(0, n, 100_000):
             count = min(100_000, n - start)
-            await produce_all(bootstrap, names.segment_events, records(start, count, args.audiences))
+            await produce_all(
+                bootstrap, names.segment_events, *records(start, count, args.audiences, args.partitions)
+            )
         print(
             f"preloaded {n:,} segment events ({n // args.audiences:,} identifiers x {args.audiences} "
             f"audiences) to {names.segment_events} in {time.monotonic() - t0:.1f} s; logs in {tmp}",

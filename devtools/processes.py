@@ -73,9 +73,8 @@ def start_worker(settings: Settings, tmp: Path, name: str = "w1", **env: str) ->
 
 
 async def wait_caught_up(settings: Settings, workers: list[Component], timeout: float = 180) -> None:
-    """Until the processors' group has committed everything in the raw and segment topics."""
-    names = TopicNames.from_settings(settings)
-    group = GroupNames.from_settings(settings).processors
+    """Until the split has committed all of the raw topic and the membership stage all segment events."""
+    names, groups = TopicNames.from_settings(settings), GroupNames.from_settings(settings)
     lag = -1
 
     async def done() -> bool:
@@ -83,7 +82,8 @@ async def wait_caught_up(settings: Settings, workers: list[Component], timeout: 
         for w in workers:
             assert w.alive(), f"worker died; see {w.log}:\n{w.log.read_text()[-3000:]}"
         try:
-            lag = await group_lag(settings, group, [names.raw, names.segment_events])
+            lag = await group_lag(settings, groups.split, [names.raw])
+            lag += await group_lag(settings, groups.membership, [names.segment_events])
         except KafkaError:  # e.g. the group coordinator is still being elected
             return False
         return lag == 0
@@ -100,17 +100,16 @@ async def wait_for_outputs(
     settings: Settings,
     workers: list[Component],
     expected_changes: set[str],
-    expected_table: dict[str, Any],
+    expected_table: dict[bytes, Any],
     timeout: float = 240,
 ) -> list[dict[str, Any]]:
     """Until every expected change id is in membership-changes and the changelog holds the expected table.
 
-    Waits on the outputs rather than on committed offsets: faust leaves a partition that moved in a
-    rebalance uncommitted until new records arrive on it (it re-processes them, harmlessly).
+    Waits on the outputs rather than on committed offsets, which may trail them.
     """
     names = TopicNames.from_settings(settings)
     changes: list[dict[str, Any]] = []
-    table: dict[str, Any] = {}
+    table: dict[bytes, Any] = {}
 
     async def done() -> bool:
         nonlocal changes, table
@@ -134,21 +133,29 @@ async def wait_for_outputs(
     return changes
 
 
-async def changelog_table(settings: Settings) -> dict[str, Any]:
-    """The membership table as its changelog holds it (last value per key)."""
-    topic = TopicNames.from_settings(settings).changelog
-    out: dict[str, Any] = {}
+async def changelog_table(settings: Settings) -> dict[bytes, Any]:
+    """The membership table as its changelog, ``<prefix>.membership``, holds it (last value per key).
+
+    Tombstones (a key moved away by a partition change) are dropped.
+    """
+    topic = TopicNames.from_settings(settings).membership
+    out: dict[bytes, Any] = {}
     for r in await read_topic(settings, topic):
-        out[orjson.loads(r.key)] = orjson.loads(r.value) if r.value is not None else None
+        if r.value is None:
+            out.pop(r.key, None)
+        else:
+            out[r.key] = orjson.loads(r.value)
     return out
 
 
-async def group_state(settings: Settings) -> tuple[str, int]:
-    """(state, member count) of the processors' consumer group."""
+async def group_state(settings: Settings, group: str | None = None) -> tuple[str, int]:
+    """(state, member count) of a consumer group, by default the workers' table group."""
     admin = kafka.admin(settings)
     await admin.start()
     try:
-        [response] = await admin.describe_consumer_groups([GroupNames.from_settings(settings).processors])
+        [response] = await admin.describe_consumer_groups(
+            [group or GroupNames.from_settings(settings).tables]
+        )
     finally:
         await admin.close()
     _, _, state, _, _, members, *_ = response.groups[0]
@@ -156,24 +163,35 @@ async def group_state(settings: Settings) -> tuple[str, int]:
 
 
 async def wait_group(settings: Settings, members: int, timeout: float = 120) -> None:
-    """Until the processors' group is settled with ``members`` members.
+    """Until both worker groups (table assignment and split) are settled with ``members`` members.
 
-    Tests that are not about rebalancing start their data once the group has settled, so that what
+    Tests that are not about rebalancing start their data once the groups have settled, so that what
     they check does not depend on when a rebalance happens (the rebalance tests do the opposite).
     """
+    groups = GroupNames.from_settings(settings)
 
     async def settled() -> bool:
-        try:
-            state, count = await group_state(settings)
-        except KafkaError:
-            return False
-        return count == members and (state == "Stable" or (members == 0 and state in ("Empty", "Dead")))
+        for group in (groups.tables, groups.split):
+            try:
+                state, count = await group_state(settings, group)
+            except KafkaError:
+                return False
+            ok = state == "Stable" or (members == 0 and state in ("Empty", "Dead"))
+            if count != members or not ok:
+                return False
+        return True
 
     await until_async(settled, timeout, what=f"the group to settle with {members} member(s)")
 
 
 async def read_json(settings: Settings, topic: str) -> list[dict[str, Any]]:
     return [orjson.loads(r.value) for r in await read_topic(settings, topic)]
+
+
+async def read_segment_events(settings: Settings) -> list[dict[str, Any]]:
+    """Every segment event on ``<prefix>.segment-events`` (records hold groups of them), in order."""
+    topic = TopicNames.from_settings(settings).segment_events
+    return [event for group in await read_json(settings, topic) for event in group["events"]]
 
 
 def raw_headers(request_id: str) -> list[tuple[str, bytes]]:

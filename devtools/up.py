@@ -65,11 +65,12 @@ async def post_samples(
 
 async def _show_outputs(settings: Settings, names: TopicNames, marks: dict[str, dict[int, int]]) -> int:
     """Wait until the worker has processed everything, then show what this run added."""
-    group = GroupNames.from_settings(settings).processors
+    groups = GroupNames.from_settings(settings)
     deadline = time.monotonic() + 120
     while True:
         try:
-            lag = await group_lag(settings, group, [names.raw, names.segment_events])
+            lag = await group_lag(settings, groups.split, [names.raw])
+            lag += await group_lag(settings, groups.membership, [names.segment_events])
         except KafkaError:
             lag = -1
         if lag == 0:

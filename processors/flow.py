@@ -1,23 +1,21 @@
-"""faust's flow control without the discard that loses records when a worker finishes recovery.
+"""faust's flow control without the discard that loses changelog records of standby copies.
 
-faust 0.15 delivers fetched records into per-stream queues that ``app.flow_control`` (mode's
-``FlowControlEvent``) empties on every ``resume()``, whether or not the flow was suspended. Table
-recovery resumes the flow to read the changelogs, and at the end (``Recovery._resume_streams``) resumes
-the stream partitions, seeks them to their committed offsets and *then* calls ``resume()`` again. The
-fetcher runs during that seek: records it delivers in the meantime are marked read, and the second
-``resume()`` throws them away. They are never fetched again, so they are never processed, and faust's
-commit stops at the first of them (or, for a one-record hole, commits over it). A partition with no
-committed offset yet (a new partition after ``audience-relay partitions apply``, or a new topic) is
-not even sought back, so everything it delivered in that window is lost: the 4 → 12 partitions test
-lost the follow-up events of all eight new partitions this way, and joining workers lost the records
-just above the committed offsets.
+faust 0.15 delivers fetched changelog records into a queue (``TableManager.changelog_queue``) that
+``app.flow_control`` (mode's ``FlowControlEvent``) empties on every ``resume()``, whether or not the
+flow was suspended. Table recovery resumes the flow to read the active partitions, resumes it again
+to start the standby partitions, and calls ``resume()`` once more when it completes. Records of a
+standby partition fetched in between are marked read and then thrown away: they are never fetched
+again, and the standby copy applies the records after them — a hole that stays until the copy is
+promoted, when the hole becomes lost state. (Before the stages left faust's stream consumer, the
+same discard lost stream records at the end of every recovery.)
 
 ``KeepingFlowControl.resume()`` empties the queues only when the flow really was suspended. That is
-the case the clearing exists for: a rebalance suspends the flow (and empties the queues) and
-records delivered before it belong to the old assignment. Records of an older generation that reach a
-stream anyway are skipped by faust's stream itself (it compares each message's generation with the
-consumer's), so nothing from before a rebalance is processed because of this change; what it keeps
-are records fetched in the current generation, which are processed at least once.
+the case the clearing exists for: a rebalance suspends the flow (and empties the queues), and records
+delivered before it belong to the old assignment; a rebalance also forgets the read offsets of every
+partition, so those records are fetched again after it.
+
+This is one of the two places that touch faust or mode beyond their public API (the other is
+``processors/state.py``); tests/test_faust_contract.py fails when the behaviour relied on changes.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ DEAD_LETTERED = Counter(
 CHANGES = Counter("relay_processor_changes_total", "Membership flips emitted", ["change"])
 LATENCY = Histogram(
     "relay_processor_latency_seconds",
-    "From a segment event being produced to its membership batch being applied",
+    "From a segment-events record being produced to its membership batch being committed",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
@@ -55,9 +55,3 @@ class TableKeysCollector(Collector):
 
 TABLE_KEYS = TableKeysCollector()
 REGISTRY.register(TABLE_KEYS)
-
-OFFSET_GUARD = Counter(
-    "relay_processor_offset_guard_total",
-    "Times the offset guard stopped faust from reading or committing past an undelivered record",
-    ["action"],
-)

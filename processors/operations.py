@@ -1,10 +1,11 @@
-"""What a worker offers its operator: probes, metrics and the consumer lag of its group.
+"""What a worker offers its operator: probes, metrics and the consumer lag of its groups.
 
 Routes on the worker's web port (``RELAY_WORKER_WEB_PORT``), besides faust's own:
 
 - ``GET /healthz`` — liveness: the event loop answers;
-- ``GET /readyz`` — readiness: 200 once the table recovery of the current assignment is done and no
-  rebalance or recovery is under way (table queries answered here are then current), else 503;
+- ``GET /readyz`` — readiness: 200 once the table recovery of the current assignment is done, no
+  rebalance is under way and both stages run every partition this worker holds (its membership
+  queries are then answered from current state), else 503 with the reason;
 - ``GET /metrics`` — Prometheus text (added in ``processors.app``).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 import orjson
@@ -23,48 +24,36 @@ from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from processors import metrics
 
-
-def processors_group(settings: Settings) -> str:
-    """The processors' consumer group: faust uses the app id."""
-    return GroupNames.from_settings(settings).processors
+if TYPE_CHECKING:
+    from processors.app import Processors
 
 
-def readiness(app: faust.App) -> tuple[bool, str]:
-    """(ready, why) of a worker: its table recovery finished and no rebalance is under way."""
+def readiness(app: faust.App, processors: Processors) -> tuple[bool, str]:
+    """(ready, why) of a worker."""
     recovery: Any = app.tables.recovery  # type: ignore[attr-defined]  # TableManager has it, not the ABC
-    if not recovery.completed.is_set():
+    if not recovery.completed.is_set() or getattr(app, "in_recovery", False):
         return False, "recovering tables"
     if getattr(app, "rebalancing", False):
         return False, "rebalancing"
-    if getattr(app, "in_recovery", False):
-        return False, "recovering tables"
+    if not processors.running():
+        return False, "starting the stages"
     return True, "ready"
 
 
-def table_keys(app: faust.App, table: Any) -> Iterator[tuple[str, str, int]]:
+def table_keys(processors: Processors) -> Iterator[tuple[str, str, int]]:
     """(partition, role, keys) of every table partition held here; RocksDB gives an estimate."""
-    store = table.data
-    dbs = getattr(store, "_dbs", None)
-    if dbs is None:  # the memory store keeps actives and standbys in one dict
-        data = getattr(store, "data", None)
-        if data is not None:
-            yield "all", "all", len(data)
-        return
-    try:
-        topic = table.changelog_topic_name
-        actives = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
-    except Exception:  # no assignment yet
-        actives = set()
-    for partition, db in list(dbs.items()):
-        try:
-            keys = int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
-        except Exception:  # a partition being closed by a rebalance right now
-            continue
-        yield str(partition), "active" if partition in actives else "standby", keys
+    app = processors.app
+    topic = processors.changelog_topic
+    roles = {tp.partition: "standby" for tp in app.assignor.assigned_standbys() if tp.topic == topic}
+    roles |= {p: "active" for p in processors.assigned_actives()}
+    for partition, role in sorted(roles.items()):
+        keys = processors.store.estimate_keys(partition)
+        if keys is not None:
+            yield str(partition), role, keys
 
 
-def install(app: faust.App, settings: Settings, table: Any) -> None:
-    """Add the probes, the table-keys metric and the lag monitor to the processors' app."""
+def install(app: faust.App, settings: Settings, processors: Processors) -> None:
+    """Add the probes, the table-keys metric and the lag monitors to the processors' app."""
 
     def _json(web: Any, body: dict[str, Any], status: int = 200) -> Any:
         return web.bytes(orjson.dumps(body), content_type="application/json", status=status)
@@ -75,21 +64,19 @@ def install(app: faust.App, settings: Settings, table: Any) -> None:
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        ok, why = readiness(app)
+        ok, why = readiness(app, processors)
         return _json(web, {"status": "ready" if ok else "not_ready", "detail": why}, 200 if ok else 503)
 
-    metrics.TABLE_KEYS.bind(lambda: list(table_keys(app, table)))
+    metrics.TABLE_KEYS.bind(lambda: list(table_keys(processors)))
 
-    names = TopicNames.from_settings(settings)
-    monitor = LagMonitor(
-        settings,
-        processors_group(settings),
-        [names.raw, names.segment_events],
-        settings.lag_interval_seconds,
-    )
+    names, groups = TopicNames.from_settings(settings), GroupNames.from_settings(settings)
+    monitors = [
+        LagMonitor(settings, groups.split, [names.raw], settings.lag_interval_seconds),
+        LagMonitor(settings, groups.membership, [names.segment_events], settings.lag_interval_seconds),
+    ]
 
     async def consumer_lag() -> None:
-        # Runs on every worker; each exports the whole group's lag (see audience_relay.lag).
-        await monitor.run(asyncio.Event())
+        # Runs on every worker; each exports the whole groups' lag (see audience_relay.lag).
+        await asyncio.gather(*(monitor.run(asyncio.Event()) for monitor in monitors))
 
     app.task(consumer_lag)

@@ -1,34 +1,32 @@
 """``audience-relay partitions plan|apply --to N``: more partitions, each key where its new hash puts it.
 
 Kafka can only add partitions, and adding them changes ``hash(key) % N`` for most keys. The membership
-state lives in two keyed, compacted topics whose placement the processors rely on:
+state lives in ``<prefix>.membership`` (compacted, keyed ``identifier\x1faudience``), which is also the
+membership table's changelog: a state sits on the partition of its identifier, ``murmur2(identifier)
+% N``, the partition of that identifier's segment events. A worker owning partition ``p`` recovers only
+partition ``p``, so a key left on its old partition would be invisible to the worker that now receives
+its events, and readers would see two values once the processors write the new partition.
 
-- the table's changelog ``<prefix>-processors-membership-changelog``: faust writes an identifier's
-  value to the partition of the segment event being processed, i.e. ``murmur2(identifier) % N`` (the
-  producer's default partitioner on the segment-events key). A worker owning partition ``p`` recovers
-  only changelog partition ``p``, so a key left on its old partition would be invisible to the worker
-  that now receives its events;
-- the compacted ``<prefix>.membership``, keyed ``identifier\\x1faudience``: a key left behind would
-  leave readers with two values once the processors write the new partition.
-
-So ``apply`` raises the partition counts and then moves every live key of those two topics to its new
+So ``apply`` raises the partition counts and then moves every live key of that topic to its new
 partition: the latest value is written to the new partition first (header ``relay-moved-from``) and,
 once acknowledged, a tombstone to the old one (header ``relay-moved-to``; it means "moved", not
 "deleted").
 
 Segment events the processors have not processed yet were placed by the old hash and would be applied
-against the wrong partition's state: ``apply`` copies them, in order, to their new partitions and
-commits their old offsets for the processors' group (a copy made twice by an interrupted run is a
-duplicate event, which the table ignores). So workers may be stopped at any moment, without draining.
+against the wrong partition's state: ``apply`` re-groups them by their identifiers' new partitions and
+copies them, in order, there (one ``SegmentEvents`` record per source record and target partition),
+then commits the old offsets for the membership stage's group (a copy made twice by an interrupted run
+is a duplicate event, which the table ignores). So workers may be stopped at any moment, without
+draining.
 
 The rest is refused rather than handled:
 
-- any active member of the processors' group or of a group reading the changed keyed topics;
-- every consumer group reading ``membership-changes`` (the sinks) or ``membership`` must have read
-  everything: history stays on the old partitions, new changes of a key go to its new partition, and
-  a reader still behind on the old one would see that key's changes out of order (each sink group has
-  its own position, so moving unread changes would repeat them for the others). Once drained, nothing
-  is reordered (readers start new partitions at the earliest offset).
+- any active member of the processors' groups or of a group reading the changed keyed topics;
+- every consumer group reading ``membership-changes``, ``field-changes`` (the sinks) or ``membership``
+  must have read everything: history stays on the old partitions, new changes of a key go to its new
+  partition, and a reader still behind on the old one would see that key's changes out of order (each
+  sink group has its own position, so moving unread changes would repeat them for the others). Once
+  drained, nothing is reordered (readers start new partitions at the earliest offset).
 
 Raw webhooks and dead letters carry no key and no per-key order, so nothing moves there; they are
 raised too (``raw``: the split agent scales with workers only up to its partition count; both: every
@@ -65,8 +63,6 @@ from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, replica_configs
 
-__all__ = ["partition_for"]  # the partitioner is audience_relay's; re-exported for the tool's callers
-
 MOVED_TO = "relay-moved-to"
 MOVED_FROM = "relay-moved-from"
 EXIT_REFUSED = ExitCode.PARTITIONS_REFUSED
@@ -80,16 +76,6 @@ class PartitionsError(Exception):
 # --- names ----------------------------------------------------------------------------------------
 
 
-def processors_group(settings: Settings) -> str:
-    """The processors' faust app id (= consumer group); the same as ``processors.app.app_id``."""
-    return GroupNames.from_settings(settings).processors
-
-
-def changelog_topic(settings: Settings) -> str:
-    """The membership table's changelog topic (faust: ``<app id>-<table>-changelog``)."""
-    return TopicNames.from_settings(settings).changelog
-
-
 def state_topic(settings: Settings) -> str:
     """The compacted topic recording an unfinished or finished partition move."""
     return TopicNames.from_settings(settings).partition_moves
@@ -98,22 +84,21 @@ def state_topic(settings: Settings) -> str:
 # --- pure functions -------------------------------------------------------------------------------
 
 
-def changelog_partition_key(key: bytes) -> bytes:
-    """The bytes whose hash placed a changelog record: the identifier, i.e. the segment-events key.
-
-    The table's keys are serialized as JSON strings in the changelog (``"user@example.com"``), while
-    the segment event that caused the write was keyed by the bare identifier.
-    """
-    if key[:1] == b'"':
-        decoded = orjson.loads(key)
-        if isinstance(decoded, str):
-            return decoded.encode()
-    return key
+def state_identifier(key: bytes) -> str:
+    """What places a state record: its identifier, the key before the ``\x1f``."""
+    return key.split(b"\x1f", 1)[0].decode(errors="replace")
 
 
-def membership_partition_key(key: bytes) -> bytes:
-    """The compacted membership topic is produced with its own key (``identifier\\x1faudience``)."""
-    return key
+def regroup(value: bytes | None, partitions: int) -> dict[int, bytes] | None:
+    """A ``SegmentEvents`` record split by its events' new partitions (order kept); None if unreadable."""
+    try:
+        events = orjson.loads(value or b"")["events"]
+        grouped: dict[int, list[Any]] = {}
+        for event in events:
+            grouped.setdefault(partition_for(event["identifier"], partitions), []).append(event)
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return {p: orjson.dumps({"schema_version": 2, "events": evs}) for p, evs in grouped.items()}
 
 
 @dataclass(frozen=True)
@@ -123,7 +108,7 @@ class Topic:
     name: str
     role: str  # "state": keys moved; "keyed": readers must be drained; "unkeyed": nothing to move
     why: str
-    partition_key: Callable[[bytes], bytes] | None = None
+    partition_key: Callable[[bytes], str] | None = None
 
 
 def managed_topics(settings: Settings) -> list[Topic]:
@@ -134,10 +119,13 @@ def managed_topics(settings: Settings) -> list[Topic]:
         Topic(names.segment_events, "keyed", "the table's input: unprocessed events move too"),
         Topic(names.dead_letter, "unkeyed", "no key, no order: raised to keep RELAY_PARTITIONS"),
         Topic(names.membership_changes, "keyed", "history stays; its readers must be drained first"),
+        Topic(names.field_changes, "keyed", "history stays; its readers must be drained first"),
         Topic(
-            names.membership, "state", "compacted: each key's latest value moves", membership_partition_key
+            names.membership,
+            "state",
+            "compacted, the table's changelog: each key's latest value moves",
+            state_identifier,
         ),
-        Topic(changelog_topic(settings), "state", "table changelog: values move", changelog_partition_key),
     ]
 
 
@@ -149,7 +137,7 @@ class MoveFinder:
     not kept, so memory follows the keys that move.
     """
 
-    def __init__(self, partition: int, partitions: int, partition_key: Callable[[bytes], bytes]) -> None:
+    def __init__(self, partition: int, partitions: int, partition_key: Callable[[bytes], str]) -> None:
         self.partition = partition
         self.partitions = partitions
         self.partition_key = partition_key
@@ -177,7 +165,7 @@ def collect_moves(
     records: Iterable[tuple[bytes | None, bytes | None]],
     partition: int,
     partitions: int,
-    partition_key: Callable[[bytes], bytes],
+    partition_key: Callable[[bytes], str],
 ) -> dict[bytes, tuple[int, bytes]]:
     """``MoveFinder`` over one partition's (key, value) records in offset order."""
     finder = MoveFinder(partition, partitions, partition_key)
@@ -220,14 +208,8 @@ def check(settings: Settings, topics: list[Topic], state: ClusterState, to: int)
     v = Verdict()
     missing = [t.name for t in topics if state.counts.get(t.name, 0) == 0]
     for name in missing:
-        hint = (
-            " (it appears when a worker first runs; with no state yet, recreate the topics with "
-            "RELAY_PARTITIONS instead)"
-            if name == changelog_topic(settings)
-            else ""
-        )
         v.errors.append(
-            f"topic {name} does not exist{hint}: check RELAY_TOPIC_PREFIX={settings.topic_prefix} "
+            f"topic {name} does not exist: check RELAY_TOPIC_PREFIX={settings.topic_prefix} "
             f"and KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}"
         )
     move = state.move
@@ -260,11 +242,12 @@ def check(settings: Settings, topics: list[Topic], state: ClusterState, to: int)
                 f"--to {to} is not larger than the current partition count of {source} "
                 f"({present[source]}): choose a larger count"
             )
-    group = processors_group(settings)
+    groups = GroupNames.from_settings(settings)
+    workers = {groups.split, groups.tables, groups.membership}
     names = TopicNames.from_settings(settings)
     for g in state.groups:
         if g.members:
-            what = "workers" if g.name == group else "its consumers (sinks or other readers)"
+            what = "workers" if g.name in workers else "its consumers (sinks or other readers)"
             v.errors.append(f"consumer group {g.name} has {g.members} active member(s): stop {what} first")
         for topic, lag in sorted(g.lag.items()):
             if lag == 0:
@@ -273,9 +256,9 @@ def check(settings: Settings, topics: list[Topic], state: ClusterState, to: int)
                 v.notes.append(
                     f"{g.name} has {lag} raw webhooks to split: fine, they are split after the move"
                 )
-            elif g.name == group and v.done:
+            elif g.name == groups.membership and v.done:
                 v.notes.append(f"{g.name} has {lag} segment events to process: the workers do so on start")
-            elif g.name == group:
+            elif g.name == groups.membership:
                 v.notes.append(
                     f"{g.name} has {lag} unprocessed segment events: apply moves those not on their "
                     "key's new partition there and commits their old offsets (a copy made twice by an "
@@ -344,24 +327,26 @@ async def _read_move(settings: Settings, exists: bool) -> dict[str, Any] | None:
 
 async def read_state(settings: Settings, topics: list[Topic]) -> ClusterState:
     """Partition counts, the consumer groups reading changed topics, and any move on record."""
-    names = TopicNames.from_settings(settings)
-    keyed = {names.segment_events, names.membership_changes, names.membership}
+    names, groups = TopicNames.from_settings(settings), GroupNames.from_settings(settings)
+    keyed = {names.segment_events, names.membership_changes, names.field_changes, names.membership}
     admin = _admin(settings)
     await admin.start()
     try:
         counts = await _counts(admin, [t.name for t in topics] + [names.analytics, state_topic(settings)])
         analytics = counts.pop(names.analytics)
         has_state = counts.pop(state_topic(settings)) > 0
-        group_names = GroupNames.from_settings(settings)
-        known = [group_names.processors] + [group_names.sink(s) for s in SINKS]
+        sinks = [groups.sink(s) for s in SINKS]
+        known = [groups.split, groups.tables, groups.membership, *sinks]
         listed = [g[0] for g in await admin.list_consumer_groups()]
         candidates = list(dict.fromkeys(known + listed))
         offsets = await asyncio.gather(*(admin.list_consumer_group_offsets(g) for g in candidates))
         reads: dict[str, set[str]] = {}
         for g, committed in zip(candidates, offsets, strict=True):
             topics_read = {tp.topic for tp in committed if tp.topic in keyed or tp.topic == names.raw}
-            if g == processors_group(settings):
-                topics_read |= {names.raw, names.segment_events}
+            if g == groups.split:
+                topics_read |= {names.raw}
+            if g == groups.membership:
+                topics_read |= {names.segment_events}
             if topics_read:
                 reads[g] = topics_read
         members: dict[str, int] = {}
@@ -372,7 +357,7 @@ async def read_state(settings: Settings, topics: list[Topic]) -> ClusterState:
             for response in responses:
                 for _, group_id, _, _, _, group_members, *_ in response.groups:
                     members[group_id] = len(group_members)
-        for sink in known[1:]:
+        for sink in sinks:
             if members.get(sink):  # a running sink that has not committed yet still reads it all
                 reads.setdefault(sink, set()).add(names.membership_changes)
         committed_by = dict(zip(candidates, offsets, strict=True))
@@ -394,7 +379,7 @@ async def read_state(settings: Settings, topics: list[Topic]) -> ClusterState:
             starts = await consumer.beginning_offsets(parts)
         finally:
             await consumer.stop()
-    groups = []
+    found = []
     for g in relevant:
         lag: dict[str, int] = {}
         for topic in sorted(reads.get(g, set())):
@@ -405,10 +390,10 @@ async def read_state(settings: Settings, topics: list[Topic]) -> ClusterState:
                 total += max(0, ends[tp] - done)
             lag[topic] = total
         if lag or members.get(g, 0):
-            groups.append(Group(g, members.get(g, 0), lag))
+            found.append(Group(g, members.get(g, 0), lag))
     move = await _read_move(settings, has_state)
     left = {names.analytics: analytics} if analytics else {}
-    return ClusterState(counts, groups, move, left)
+    return ClusterState(counts, found, move, left)
 
 
 async def scan_partition(
@@ -537,8 +522,10 @@ class Moved:
 
 
 async def move_keys(settings: Settings, topic: Topic, partitions: int, progress: bool) -> Moved:
-    """Move every live key of ``topic`` to ``partition_for(key) % partitions``; per source partition,
-    the values are written and acknowledged before the old copies are tombstoned."""
+    """Move every live key of ``topic`` to its identifier's partition under ``partitions``.
+
+    Per source partition, the values are written and acknowledged before the old copies are tombstoned.
+    """
     moved = Moved()
     scanned = [0]
     consumer = _consumer(settings)
@@ -589,16 +576,17 @@ async def move_keys(settings: Settings, topic: Topic, partitions: int, progress:
 
 
 async def move_pending_events(settings: Settings, partitions: int, progress: bool) -> int:
-    """Re-place segment events the processors have not processed yet; returns how many were copied.
+    """Re-place segment events the processors have not processed yet; returns how many records were written.
 
-    For each partition with uncommitted events of which some belong elsewhere now, every uncommitted
-    event is copied, in order, to ``partition_for(key)`` (possibly this same partition, at its end, so
-    one key's events keep their order), and then the processors' group commits the partition's old end.
-    A crash between the two copies some events twice: a repeated event changes nothing in the table
-    (``processors.membership.apply_event``), so it emits nothing either.
+    For each partition with uncommitted ``SegmentEvents`` records of which some events belong
+    elsewhere now, every uncommitted record is re-grouped by its events' new partitions and written,
+    in order, there (possibly to this same partition, at its end, so one identifier's events keep
+    their order); then the membership stage's group commits the partition's old end. A crash between
+    the two copies some events twice: a repeated event changes nothing in the table
+    (``processors.membership.decide``), so it emits nothing either. An unreadable record stays.
     """
     topic = TopicNames.from_settings(settings).segment_events
-    group = processors_group(settings)
+    group = GroupNames.from_settings(settings).membership
     admin = _admin(settings)
     await admin.start()
     try:
@@ -618,7 +606,7 @@ async def move_pending_events(settings: Settings, partitions: int, progress: boo
         tps = [TopicPartition(topic, p) for p in range(partitions)]
         ends = await reader.end_offsets(tps)
         starts = await reader.beginning_offsets(tps)
-        with tqdm(unit="event", desc=f"move unprocessed {topic}", disable=not progress) as bar:
+        with tqdm(unit="record", desc=f"move unprocessed {topic}", disable=not progress) as bar:
             for tp in tps:
                 meta = committed.get(tp)
                 begin = meta.offset if meta is not None and meta.offset >= 0 else starts[tp]
@@ -630,11 +618,16 @@ async def move_pending_events(settings: Settings, partitions: int, progress: boo
                 while await reader.position(tp) < ends[tp]:
                     got = await reader.getmany(tp, timeout_ms=1000)
                     for r in got.get(tp, []):
-                        if r.offset < ends[tp]:
-                            target = tp.partition if r.key is None else partition_for(r.key, partitions)
-                            pending.append((target, r.key, r.value, list(r.headers or ())))
+                        if r.offset >= ends[tp]:
+                            continue
+                        headers = list(r.headers or ())
+                        groups = regroup(r.value, partitions)
+                        if groups is None:
+                            pending.append((tp.partition, r.key, r.value, headers))
+                            continue
+                        pending.extend((target, None, value, headers) for target, value in groups.items())
                 if all(target == tp.partition for target, *_ in pending):
-                    continue  # already where their key belongs: processed in place
+                    continue  # already where their identifiers belong: processed in place
                 await _send_all(producer, ((topic, t, k, v, h) for t, k, v, h in pending), bar)
                 committer.assign([tp])
                 await committer.commit({tp: ends[tp]})
@@ -751,7 +744,7 @@ async def apply(settings: Settings, to: int, out: IO[str], progress: bool = True
         print(f"  {t.name:52s} {before.get(t.name, 0):>6d} {to:>6d}  {what}", file=out)
     print(
         f"next: set RELAY_PARTITIONS={to} for every worker (and `topics create`), then start the workers "
-        "and sinks; workers rebuild their local tables from the changelog.",
+        "and sinks; workers rebuild their local tables from the membership topic.",
         file=out,
     )
     return 0
@@ -765,17 +758,15 @@ async def check_worker(settings: Settings) -> int:
     """Before a worker starts: the topics' partition count, which must equal ``RELAY_PARTITIONS``.
 
     Raises ``PartitionsError`` when a partition move has not finished or the setting disagrees with
-    the segment-events or changelog topic (faust would otherwise stop later with PartitionsMismatch,
-    or — were the table not yet in use — write by the wrong hash). Topics that do not exist yet are
-    no disagreement: the worker creates them with ``RELAY_PARTITIONS``.
+    the segment-events or membership topic (the table's changelog: faust would otherwise stop later
+    with PartitionsMismatch, or the split would place events by the wrong hash). Topics that do not
+    exist yet are no disagreement: the worker creates them with ``RELAY_PARTITIONS``.
     """
     names = TopicNames.from_settings(settings)
     admin = _admin(settings)
     await admin.start()
     try:
-        counts = await _counts(
-            admin, [names.segment_events, changelog_topic(settings), state_topic(settings)]
-        )
+        counts = await _counts(admin, [names.segment_events, names.membership, state_topic(settings)])
     finally:
         await admin.close()
     move = await _read_move(settings, counts.pop(state_topic(settings)) > 0)

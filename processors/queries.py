@@ -20,17 +20,11 @@ checking that recovery is done, drops ``Retry-After``, has no timeout and can bo
 workers whose maps disagree. The limit that remains: a worker cut off from the group without knowing
 it (e.g. a long pause) keeps answering from its table until its session times out.
 
-Counts. Every worker keeps, for each table partition it actively owns, a counter of members per
-audience. It is derived from the table: built by scanning a partition once that partition is
-recovered and before its stream resumes, then kept exact by a hook on the table's writes (the old
-value is read back in the same synchronous step as the write, so counter and table never disagree)
-and on changelog records faust applies to a counted partition.
-Nothing about it is persisted, so there is nothing to get out of step: a kill -9 rebuilds the table
-from its changelog and the counters from the table; a partition-count change (changelog rebuilt by
-the partitions tool) needs no migration. A partition that stays with a worker across a rebalance keeps
-its counter; one that was away for even one generation is scanned again. A count request fans out to
-the owners of all partitions (one request per worker) and is the exact sum, or 503 if any partition
-has no settled owner.
+Counts. The membership stage keeps, for each table partition it processes, an exact counter of
+members per audience (processors/stages.py ``AudienceCounts``): built by scanning the partition when
+the stage starts it, then kept by the stage's own writes, dropped when it stops. A count request fans
+out to the owners of all partitions (one request per worker) and is the exact sum, or 503 if any
+partition has no settled owner.
 """
 
 from __future__ import annotations
@@ -39,16 +33,14 @@ import asyncio
 import logging
 import socket
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from aiohttp import web
-from faust.types import TP
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 from yarl import URL
@@ -57,8 +49,11 @@ from audience_relay import signals
 from audience_relay.auth import DEFAULT_SOURCE, Authenticator
 from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
-from processors.membership import ENTER_US, MEMBER, SLUG, T_US, Value, from_us
+from processors.membership import identifier_prefix
 from processors.split import normalize_identifier
+
+if TYPE_CHECKING:
+    from processors.app import Processors
 
 log = logging.getLogger("processors.queries")
 
@@ -79,69 +74,19 @@ QUERY_SECONDS = Histogram(
 # --- pure pieces ------------------------------------------------------------------------------
 
 
-def current_audiences(value: Value | None) -> list[str]:
-    """Audience ids the stored value says the user is a member of now."""
-    audiences: Mapping[str, list[Any]] = (value or {}).get("a") or {}
-    return [audience for audience, entry in audiences.items() if entry[MEMBER]]
-
-
-def member_view(identifier: str, match_field: str, value: Value) -> dict[str, Any]:
-    """The answer of ``GET /v1/members/{identifier}`` for a stored value."""
-    audiences: Mapping[str, list[Any]] = value.get("a") or {}
+def member_view(identifier: str, match_field: str, states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The answer of ``GET /v1/members/{identifier}`` for the stored states of one identifier."""
     current = [
         {
-            "audience_id": audience,
-            "audience_slug": entry[SLUG],
-            "entered_at": from_us(entry[ENTER_US]),
-            "updated_at": from_us(entry[T_US]),
+            "audience_id": state["audience_id"],
+            "audience_slug": state["audience_slug"],
+            "entered_at": state["entered_at"],
+            "updated_at": state["updated_at"],
         }
-        for audience, entry in sorted(audiences.items())
-        if entry[MEMBER]
+        for state in sorted(states, key=lambda st: st["audience_id"])
+        if state["member"]
     ]
     return {"identifier": identifier, "match_field": match_field, "audiences": current}
-
-
-class PartitionCounts:
-    """Members per audience for each table partition this worker actively owns (pure, in memory)."""
-
-    def __init__(self) -> None:
-        self._counts: dict[int, Counter[str]] = {}
-
-    def rebuild(self, partition: int, values: Iterable[Value | None]) -> None:
-        """Count a partition from scratch from all its stored values."""
-        counts: Counter[str] = Counter()
-        for value in values:
-            counts.update(current_audiences(value))
-        self._counts[partition] = counts
-
-    def apply(self, partition: int, old: Value | None, new: Value | None) -> None:
-        """Account for one table write; ignored for a partition that is not counted (yet)."""
-        counts = self._counts.get(partition)
-        if counts is None:
-            return
-        before, after = set(current_audiences(old)), set(current_audiences(new))
-        for audience in after - before:
-            counts[audience] += 1
-        for audience in before - after:
-            counts[audience] -= 1
-            if counts[audience] <= 0:
-                del counts[audience]
-
-    def keep_only(self, partitions: set[int]) -> None:
-        """Forget every partition not in ``partitions`` (it may be written elsewhere meanwhile)."""
-        for partition in set(self._counts) - partitions:
-            del self._counts[partition]
-
-    def counted(self) -> set[int]:
-        return set(self._counts)
-
-    def is_counted(self, partition: int) -> bool:
-        return partition in self._counts
-
-    def count(self, partition: int, audience: str) -> int | None:
-        """Members of ``audience`` in ``partition``; None when the partition is not counted here."""
-        counts = self._counts.get(partition)
-        return None if counts is None else counts.get(audience, 0)
 
 
 def parse_partitions(text: str, partitions: int) -> list[int] | None:
@@ -165,84 +110,31 @@ def advertised_url(settings: Settings) -> str:
     return f"http://{host}:{settings.worker_web_port}"
 
 
-# --- the table and faust's view of ownership ---------------------------------------------------
-
-
-class TableReader:
-    """Reads one partition of the faust membership table, RocksDB or in-memory.
-
-    Reads go straight to the partition's store: a faust table read without an event context
-    searches every local partition, standbys included, which may lag the active owner.
-    """
-
-    def __init__(self, table: Any, partitions: int) -> None:
-        self.table = table
-        self.partitions = partitions
-
-    @property
-    def _store(self) -> Any:
-        return self.table.data
-
-    def _rocksdb(self) -> bool:
-        return hasattr(self._store, "_db_for_partition")
-
-    def get(self, partition: int, identifier: str) -> Value | None:
-        store = self._store
-        if self._rocksdb():
-            # The store's key encoding (the table's key serializer: JSON text), not the raw bytes.
-            raw = store._db_for_partition(partition).get(store._encode_key(identifier))
-            return None if raw is None else orjson.loads(raw)
-        value: Value | None = store.data.get(identifier)
-        return value
-
-    def key_of(self, event: Any) -> str:
-        """The table key of a changelog event."""
-        if self._rocksdb():
-            key: str = self._store._decode_key(event.message.key)
-            return key
-        return str(self.table._to_key(event.key))
-
-    def values(self, partition: int) -> Iterator[Value | None]:
-        store = self._store
-        if self._rocksdb():
-            for _key, raw in store._visible_items(store._db_for_partition(partition)):
-                yield orjson.loads(raw)
-            return
-        for key, value in list(store.data.items()):
-            if partition_for(key, self.partitions) == partition:
-                yield value
+# --- faust's view of ownership ------------------------------------------------------------------
 
 
 @dataclass
 class Ownership:
-    """What this worker may answer for, from faust's rebalance and recovery state."""
+    """What this worker may answer for: the partitions its membership stage processes right now."""
 
-    app: Any
-    changelog_topic: str
-    counts: PartitionCounts
-
-    def active_partitions(self) -> set[int]:
-        return {
-            tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == self.changelog_topic
-        }
+    processors: Processors
 
     def settled(self) -> bool:
         """No rebalance or recovery under way (faust clears ``rebalancing`` once recovery is done)."""
-        return not self.app.rebalancing and not self.app.in_recovery
+        app = self.processors.app
+        return not app.rebalancing and not app.in_recovery
 
     def serves(self, partition: int) -> bool:
         """True when this worker's table holds the current state of ``partition``."""
-        return (
-            self.settled()
-            and TP(self.changelog_topic, partition) in self.app.assignor.assigned_actives()
-            and self.counts.is_counted(partition)
-        )
+        membership = self.processors.membership
+        return self.settled() and membership is not None and partition in membership.active
 
     def owners(self) -> dict[int, str]:
         """Partition -> URL of its active owner, from the last assignment (may be stale)."""
         out: dict[int, str] = {}
-        for url, topics in self.app.assignor.tables_metadata().items():
-            for partition in topics.get(self.changelog_topic, []):
+        topic = self.processors.changelog_topic
+        for url, topics in self.processors.app.assignor.tables_metadata().items():
+            for partition in topics.get(topic, []):
                 out[partition] = str(url).rstrip("/")
         return out
 
@@ -257,88 +149,14 @@ class Unavailable(Exception):
 class QueryService:
     """The query routes of one worker."""
 
-    def __init__(self, app: Any, table: Any, settings: Settings) -> None:
+    def __init__(self, processors: Processors, settings: Settings) -> None:
         self.settings = settings
         self.auth = Authenticator(settings)
-        self.counts = PartitionCounts()
-        self.reader = TableReader(table, settings.partitions)
-        self.ownership = Ownership(app, table.changelog_topic.get_topic_name(), self.counts)
+        self.processors = processors
+        self.ownership = Ownership(processors)
         self.self_url = advertised_url(settings)
         self.timeout = aiohttp.ClientTimeout(total=settings.query_timeout_seconds)
         self._http: aiohttp.ClientSession | None = None
-        self._hook_writes(table)
-        self._hook_changelog(table)
-        table.on_recover(self._on_recover)
-        app.on_partitions_assigned.connect(self._on_assigned)
-
-    # -- keeping the counters ---------------------------------------------------------------
-
-    def _hook_writes(self, table: Any) -> None:
-        """Count every table write: read the old value back, then let faust write and log it."""
-        from faust.streams import current_event
-
-        original = table.on_key_set
-        counts, reader = self.counts, self.reader
-
-        def on_key_set(key: str, value: Any) -> None:
-            event = current_event()
-            partition = event.message.partition if event is not None else None
-            if partition is not None and counts.is_counted(partition):
-                counts.apply(partition, reader.get(partition, key), value)
-            original(key, value)
-
-        table.on_key_set = on_key_set
-
-    def _hook_changelog(self, table: Any) -> None:
-        """Count changelog records applied to a counted partition (recovery after missed writes).
-
-        Normally nothing: recovery and standby updates touch partitions that are not counted (they
-        are scanned once recovered). But a worker that dropped out of the group unnoticed and got
-        its partitions back recovers the other workers' writes into a partition it still counts.
-        """
-        original = table.apply_changelog_batch
-        counts, reader = self.counts, self.reader
-
-        def apply_changelog_batch(batch: Iterable[Any]) -> None:
-            events = list(batch)
-            counted = counts.counted()
-            touched = {
-                (e.message.partition, reader.key_of(e)) for e in events if e.message.partition in counted
-            }
-            before = {pk: reader.get(*pk) for pk in touched}
-            original(events)
-            for (partition, key), old in before.items():
-                counts.apply(partition, old, reader.get(partition, key))
-
-        table.apply_changelog_batch = apply_changelog_batch
-
-    async def _on_assigned(self, sender: Any, assigned: Any = None, **_: Any) -> None:
-        # Every generation passes here: a partition not ours in it may be written by another
-        # worker meanwhile, so its counter is no longer trustworthy.
-        self.counts.keep_only(self.ownership.active_partitions())
-
-    async def _on_recover(self) -> None:
-        # Called by faust once the active partitions are recovered, before their streams resume.
-        started = time.monotonic()
-        built = 0
-        for partition in sorted(self.ownership.active_partitions() - self.counts.counted()):
-            # One partition at a time, without awaiting inside: no write can fall between the
-            # scan and the counter becoming live (writes to uncounted partitions are not tracked).
-            self.counts.rebuild(partition, self.reader.values(partition))
-            built += 1
-            await asyncio.sleep(0)
-        self.counts.keep_only(self.ownership.active_partitions())
-        log.info(
-            "audience counters ready: %d partition(s) rebuilt in %.3f s, counting %s",
-            built,
-            time.monotonic() - started,
-            sorted(self.counts.counted()),
-            extra={
-                "rebuilt_partitions": built,
-                "counted_partitions": sorted(self.counts.counted()),
-                "seconds": round(time.monotonic() - started, 3),
-            },
-        )
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -405,15 +223,18 @@ class QueryService:
             partition = partition_for(identifier, self.settings.partitions)
             if not self.ownership.serves(partition):
                 return await self._forward(request, partition, request_id)
-            value = self.reader.get(partition, identifier)
-            if value is None:
+            states = [
+                orjson.loads(value)
+                for _, value in self.processors.store.items(partition, identifier_prefix(identifier))
+            ]
+            if not states:
                 return self._error(
                     404,
                     "unknown_identifier",
                     f"no event for {self.settings.match_field} {identifier!r} has been processed",
                     request_id,
                 )
-            return self._json(member_view(identifier, self.settings.match_field, value))
+            return self._json(member_view(identifier, self.settings.match_field, states))
 
         return await self._guard("member", request, answer)
 
@@ -475,7 +296,12 @@ class QueryService:
         audience = request.match_info["audience_id"]
         out: dict[int, int] = {}
         for partition in partitions:
-            n = self.counts.count(partition, audience) if self.ownership.serves(partition) else None
+            membership = self.processors.membership
+            n = (
+                membership.counts.count(partition, audience)
+                if membership is not None and self.ownership.serves(partition)
+                else None
+            )
             if n is None:
                 raise Unavailable(f"partition {partition} is not settled on this worker")
             out[partition] = n
@@ -536,9 +362,9 @@ def _quote(text: str) -> str:
     return quote(text, safe="")
 
 
-def register_queries(app: Any, table: Any, settings: Settings) -> QueryService:
-    """Serve the query routes on the worker's web server and keep the audience counters."""
-    service = QueryService(app, table, settings)
+def register_queries(app: Any, processors: Processors, settings: Settings) -> QueryService:
+    """Serve the query routes on the worker's web server."""
+    service = QueryService(processors, settings)
     web_app: web.Application = app.web.web_app
     for method, path, handler in service.routes():
         web_app.router.add_route(method, path, handler)

@@ -11,15 +11,24 @@ from schemas.records import PUBLISHED
 COMMITTED = Path(__file__).resolve().parent / "json"
 
 
+#: The JSON Schema dialect pydantic generates.
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def schema_id(name: str) -> str:
+    """A stable absolute URI naming one published schema (a name, not a download address)."""
+    return f"urn:audience-relay:schema:{name}"
+
+
 def rendered() -> dict[str, bytes]:
     """File name → JSON Schema bytes, for every published record model."""
-    return {
-        f"{name}.schema.json": orjson.dumps(
-            model.model_json_schema(mode="serialization"), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+    out: dict[str, bytes] = {}
+    for name, model in PUBLISHED.items():
+        schema = {"$schema": DIALECT, "$id": schema_id(name), **model.model_json_schema(mode="serialization")}
+        out[f"{name}.schema.json"] = (
+            orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
         )
-        + b"\n"
-        for name, model in PUBLISHED.items()
-    }
+    return out
 
 
 def export(directory: str | Path) -> list[Path]:

@@ -1,25 +1,48 @@
 """What audience-relay publishes: the contract with downstream teams.
 
 Every record carries ``schema_version``; a breaking change gets a new version and a new exported
-file, never an edit of an old one. ``audience-relay schemas export DIR`` writes the JSON Schemas;
-the committed copies live in ``schemas/json/`` and a test fails when they drift from these models.
+file, never an edit of an old one (version 1 lives on, frozen, in ``schemas.v1``).
+``audience-relay schemas export DIR`` writes the JSON Schemas; the committed copies live in
+``schemas/json/`` and a test fails when they drift from these models.
+
+Compatible changes (same version): a new *optional* field in an input model, a wider description,
+a new value in an open set documented as open. Breaking (new version): any field added to, removed
+from or retyped in a published record (the schemas forbid unknown fields, so validating consumers
+would reject it), a new value of a closed enum, a changed key or partitioning of a topic.
+
+Version 2 (this module) differs from version 1 by:
+
+- ``SegmentEvent``: ``identifiers`` (the other identifiers the Lytics record exported); ``event`` is
+  enter/exit only (field changes are ``FieldChange`` records on their own topic); records on
+  ``<prefix>.segment-events`` are ``SegmentEvents`` groups, one per raw body and partition.
+- ``MembershipState`` / ``MembershipChange``: ``identifiers`` (and ``identifiers_at`` on the state),
+  ``match_field`` on the state. ``<prefix>.membership`` is partitioned by the identifier (as
+  ``membership-changes``), so one user's states share a partition.
 """
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-EventKind = Literal["enter", "exit", "change"]
-TimeSource = Literal["segment_event", "meta", "cloudevent", "collected", "received"]
+from schemas.v1 import content_id
 
+__all__ = [
+    "PUBLISHED",
+    "AnalyticsFieldsEvent",
+    "AnalyticsMembershipEvent",
+    "DeliveryOutcome",
+    "FieldChange",
+    "MembershipChange",
+    "MembershipState",
+    "SegmentEvent",
+    "SegmentEvents",
+    "content_id",
+]
 
-def content_id(*parts: str) -> str:
-    """A deterministic id over the given parts (hex, 128 bits)."""
-    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+Identifiers = dict[str, str]
 
 
 class _Record(BaseModel):
@@ -27,37 +50,88 @@ class _Record(BaseModel):
 
 
 class SegmentEvent(_Record):
-    """One user's audience event, split out of a Lytics webhook body; keyed by ``identifier``."""
+    """One user's audience event (enter or exit), split out of a Lytics webhook body."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     event_id: str = Field(
         description="Content id: identifier + audience + event + event time. Equal for duplicates."
     )
     identifier: str = Field(description="Normalized matching identifier (emails trimmed and lower-cased).")
     match_field: str = Field(description="The field of Lytics' data the identifier came from.")
-    audience_id: str = Field(description="Lytics audience (segment) id; empty for a field-change event.")
+    audience_id: str = Field(description="Lytics audience (segment) id.")
     audience_slug: str | None = None
-    event: EventKind
+    event: Literal["enter", "exit"]
     event_time: datetime
-    event_time_source: TimeSource
-    lytics_user_id: str | None = Field(None, description="Lytics' top-level record id (stable per user).")
+    event_time_source: Literal["segment_event", "meta", "cloudevent", "collected", "received"]
+    lytics_user_id: str | None = Field(None, description="The top-level 'id' of the Lytics record.")
+    identifiers: Identifiers = Field(
+        default_factory=dict,
+        description="Other identifiers the record exported (RELAY_IDENTIFIER_FIELDS and the fields "
+        "destinations send), by field name, normalized; e.g. {'_id': <Lytics ID>}.",
+    )
     source: str = Field(description="Ingress source (Lytics job) the body came through.")
     request_id: str
     received_at: datetime
-    fields: dict[str, Any] | None = Field(
-        None, description="User fields of a field-change event (segment_events removed); null otherwise."
-    )
 
     @staticmethod
     def make_id(identifier: str, audience_id: str, event: str, event_time: datetime) -> str:
         return content_id(identifier, audience_id, event, event_time.isoformat())
 
 
-class MembershipState(_Record):
-    """Current membership of one identifier in one audience (``<prefix>.membership``, compacted)."""
+class SegmentEvents(_Record):
+    """One record of ``<prefix>.segment-events``, the processors' own repartition topic.
+
+    The segment events of one raw webhook body whose identifiers hash to this partition
+    (``murmur2(identifier) % partitions``, Kafka's default partitioner), in body order. The record
+    key is null; headers ``raw-topic``, ``raw-partition``, ``raw-offset`` and ``request-id`` name
+    the body. Records of one partition are in raw-offset order, so one identifier's events keep
+    their order.
+    """
+
+    schema_version: Literal[2] = 2
+    events: list[SegmentEvent] = Field(min_length=1)
+
+
+class FieldChange(_Record):
+    """A user-field change event (``<prefix>.field-changes``, keyed by identifier).
+
+    Lytics sends these for audiences defined on field changes (``"event": "change"``). They are
+    passed on as they come (no state: a repeat has the same ``change_id``); ``fields`` holds the
+    record's exported user fields (``segment_events`` removed).
+    """
 
     schema_version: Literal[1] = 1
+    change_id: str = Field(description="Deterministic: identifier + causing event. Drop repeats.")
+    event_id: str
     identifier: str
+    match_field: str
+    identifiers: Identifiers = Field(default_factory=dict)
+    trigger_id: str = Field(description="Id of the segment event that carried the change.")
+    trigger_slug: str | None = None
+    fields: dict[str, Any]
+    event_time: datetime
+    event_time_source: Literal["meta", "cloudevent", "collected", "received"]
+    lytics_user_id: str | None = None
+    source: str
+    request_id: str
+
+    @staticmethod
+    def make_id(identifier: str, event_id: str) -> str:
+        return content_id("fields", identifier, event_id)
+
+
+class MembershipState(_Record):
+    """Current membership of one identifier in one audience (``<prefix>.membership``, compacted).
+
+    Key ``identifier`` + ``\\x1f`` + ``audience_id``; partition ``murmur2(identifier) % partitions``.
+    The topic is also the membership table's changelog: it gets a record whenever the state changes
+    (a flip, or e.g. a newer enter of a member moving ``entered_at``), so the last record per key is
+    always the current state. A tombstone (null value) may follow a partition-count change.
+    """
+
+    schema_version: Literal[2] = 2
+    identifier: str
+    match_field: str
     audience_id: str
     audience_slug: str | None = None
     member: bool
@@ -65,12 +139,18 @@ class MembershipState(_Record):
     exited_at: datetime | None = Field(None, description="Time of the newest exit event seen.")
     updated_at: datetime = Field(description="Event time of the event that decided the current state.")
     event_id: str = Field(description="Id of the event that decided the current state.")
+    identifiers: Identifiers = Field(
+        default_factory=dict, description="Other identifiers of the user; per field the newest value seen."
+    )
+    identifiers_at: dict[str, datetime] = Field(
+        default_factory=dict, description="Per identifier field, the event time its value came from."
+    )
 
 
 class MembershipChange(_Record):
     """A real flip of membership (``<prefix>.membership-changes``, keyed by identifier)."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     change_id: str = Field(
         description="Deterministic: identifier + audience + change + causing event. Drop repeats."
     )
@@ -88,6 +168,9 @@ class MembershipChange(_Record):
     )
     event_id: str
     lytics_user_id: str | None = None
+    identifiers: Identifiers = Field(
+        default_factory=dict, description="Other identifiers of the user (as on the state)."
+    )
     source: str
     request_id: str
 
@@ -102,8 +185,8 @@ DeliveryOutcomeKind = Literal["delivered", "dead_lettered", "filtered", "unknown
 class DeliveryOutcome(_Record):
     """What a sink did with one change for one destination (``<prefix>.deliveries``, compacted).
 
-    One record per change and destination (not per batch), keyed ``identifier`` + ``\x1f`` +
-    ``audience_id`` + ``\x1f`` + ``destination`` (UTF-8), so compaction keeps the last outcome of
+    One record per change and destination (not per batch), keyed ``identifier`` + ``\\x1f`` +
+    ``audience_id`` + ``\\x1f`` + ``destination`` (UTF-8), so compaction keeps the last outcome of
     each user, audience and destination. ``audience_id`` is empty for a field-change event.
     """
 
@@ -200,11 +283,21 @@ class AnalyticsFieldsEvent(_Record):
     data: FieldsChangedData
 
 
-PUBLISHED: dict[str, type[BaseModel]] = {
-    "segment-event.v1": SegmentEvent,
-    "membership-state.v1": MembershipState,
-    "membership-change.v1": MembershipChange,
-    "delivery-outcome.v1": DeliveryOutcome,
-    "analytics-membership-event.v1": AnalyticsMembershipEvent,
-    "analytics-fields-event.v1": AnalyticsFieldsEvent,
-}
+def _published() -> dict[str, type[BaseModel]]:
+    from schemas import v1
+
+    return {
+        **v1.PUBLISHED,
+        "segment-event.v2": SegmentEvent,
+        "segment-events.v2": SegmentEvents,
+        "field-change.v1": FieldChange,
+        "membership-state.v2": MembershipState,
+        "membership-change.v2": MembershipChange,
+        "delivery-outcome.v1": DeliveryOutcome,
+        "analytics-membership-event.v1": AnalyticsMembershipEvent,
+        "analytics-fields-event.v1": AnalyticsFieldsEvent,
+    }
+
+
+#: Exported schema name → model, every version still published.
+PUBLISHED: dict[str, type[BaseModel]] = _published()

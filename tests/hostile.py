@@ -5,8 +5,10 @@ ingress stores any JSON object or non-empty array of objects raw and answers 200
 dead-letters what it cannot use; anything else is a 400 kept in dead-letter; 413 above the size
 limit; 415 for any Content-Encoding). The strategies reach every Lytics format with wrong types
 everywhere, truncated and invalid JSON, invalid UTF-8, NUL bytes, duplicate keys, deep nesting (up
-to 10,000), huge numbers and strings, too long and too many identifiers, empty arrays and arrays of
-non-objects; a few fixed cases add 50 MB bodies and gzip bombs.
+to 10,000), huge numbers and strings, too long and too many identifiers (up to 100,000 values), too
+many segment events, times out of range (year 1 with an offset, year 9999, huge epochs), batches whose
+rejected elements are written as no serializer writes them, empty arrays and arrays of non-objects; a
+few fixed cases add 50 MB bodies and gzip bombs.
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ json_values = st.recursive(
 )
 
 
+# Times that overflow datetime arithmetic or lie outside the accepted event times.
+EXTREME_TIMES: list[Any] = [
+    "0001-01-01T00:00:00+01:00",
+    "0001-01-01T00:00:00Z",
+    "9999-12-31T23:59:59.999999999-23:59",
+    "1969-12-31T23:59:59Z",
+    "2200-01-01T00:00:00Z",
+    -1,
+    2**63 - 1,
+    2**64 - 1,
+    1e308,
+]
+
+
 # String markers replaced by raw JSON text after encoding: orjson writes neither more than 254 levels
 # of nesting nor integers beyond 64 bits, and the corpus needs both.
 DEEP = "\x01deep:"
@@ -108,7 +124,9 @@ def _nested_text(depth: int) -> bytes:
 @st.composite
 def huge_values(draw: st.DrawFn) -> Any:
     """Values that are big in some way: long strings, big numbers, deep nesting, long lists."""
-    kind = draw(st.sampled_from(["string", "number", "nesting", "identifiers", "wide"]))
+    kind = draw(
+        st.sampled_from(["string", "number", "nesting", "identifiers", "wide", "segment-events", "time"])
+    )
     if kind == "string":
         # Mostly small; now and then over the split agent's 512 KiB limit for a change's fields.
         size = draw(st.sampled_from([257, 300, 4_000, 70_000])) if draw(st.integers(0, 9)) else 600_000
@@ -124,8 +142,14 @@ def huge_values(draw: st.DrawFn) -> Any:
     if kind == "nesting":
         return f"{DEEP}{draw(st.sampled_from([20, 200, 254, 255, 256, 600, 1000]))}"
     if kind == "identifiers":
-        count = draw(st.sampled_from([0, 1, 50, 51, 500]))
+        # Up to the issue's 100,000 values (1.9 MB): rejected before any value is looked at.
+        count = draw(st.sampled_from([0, 1, 50, 51, 200, 201, 500, 100_000]))
         return [f"user{i}@example.com" for i in range(count)]
+    if kind == "segment-events":
+        count = draw(st.sampled_from([2, 50, 100, 101, 8_000]))
+        return [{"id": f"aud{i}", "event": "enter", "slug": f"s{i}"} for i in range(count)]
+    if kind == "time":
+        return draw(st.sampled_from(EXTREME_TIMES))
     return {f"k{i}": i for i in range(draw(st.sampled_from([100, 20_000])))}
 
 
@@ -207,7 +231,9 @@ def byte_cases(draw: st.DrawFn) -> Case:
 def textual_cases(draw: st.DrawFn) -> Case:
     """JSON text that no serializer here writes: duplicate keys, escapes, big literals, deep nesting."""
     kind = draw(
-        st.sampled_from(["duplicate-keys", "nul-escape", "big-literal", "deep", "deep-in-record", "nan"])
+        st.sampled_from(
+            ["duplicate-keys", "nul-escape", "big-literal", "deep", "deep-in-record", "nan", "odd-batch"]
+        )
     )
     email = draw(st.sampled_from(["a@example.com", "A@Example.com ", ""]))
     event = b'"segment_events": [{"id": "aud", "event": "enter"}]'
@@ -229,6 +255,18 @@ def textual_cases(draw: st.DrawFn) -> Case:
         return Case(kind, body, BAD | STORED)
     if kind == "nan":
         return Case(kind, b'{"data": {"email": NaN, %s}}' % event, BAD)
+    if kind == "odd-batch":
+        # Rejected elements a re-encoding would change (duplicate keys, 1E2, escapes, spacing): the
+        # dead letters must be their bytes as sent.
+        good = b'{"data": {"email": "ok@example.com", %s}}' % event
+        odd = [
+            b'{"data": {"email": "%s", "n": 1E2, "n": -0.50e-3}}' % email.encode(),
+            b'{ "data" :{"email":"\\u00e9\\"]},[{\\\\",\n "segment_events" : [ ] } }',
+            b'{"data": {"email": "x@example.com", "segment_events": [{"id": "a", "event": "enter", '
+            b'"enter": "0001-01-01T00:00:00+01:00"}]}}',
+        ]
+        elements = [good, *draw(st.permutations(odd))[: draw(st.integers(1, 3))]]
+        return Case(kind, b"[\n  " + b" ,\r\n\t".join(draw(st.permutations(elements))) + b"\n] ", STORED)
     depth = draw(st.sampled_from([255, 256, 1000, 1024, 1025, 10_000]))
     nested = b"[" * depth + b"]" * depth
     if kind == "deep":

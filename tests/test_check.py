@@ -102,7 +102,7 @@ async def test_a_good_configuration_passes(
     assert code == ExitCode.OK, out
     assert out.rstrip().endswith("all good (0 warning(s))"), out
     names = TopicNames.from_settings(settings)
-    for topic in (names.raw, names.membership, names.changelog, names.analytics):
+    for topic in (names.raw, names.membership, names.field_changes, names.analytics):
         assert f"ok       topic {topic}: 3 partitions" in out, out
     assert "connected: 1 broker(s)" in out
     assert out.count("TLS handshake ok") == 2, out
@@ -147,13 +147,13 @@ async def test_a_broken_configuration_lists_every_problem(
         "RELAY_REPLICATION_FACTOR=2 but the cluster has 1 broker(s)",
         f"topic {names.analytics} does not exist: run `audience-relay topics create`",
         f"topic {names.raw} has 3 partitions, RELAY_PARTITIONS=4",
-        f"topic {names.changelog} has 3 partitions, RELAY_PARTITIONS=4",
+        f"topic {names.membership} has 3 partitions, RELAY_PARTITIONS=4",
         "PUSHLY_WEBHOOK_URL: the host pushly.example.invalid does not resolve",
         "ODP_WEBHOOK_URL: the TLS certificate of 127.0.0.1 is not valid",
     ]
     for problem in expected:
         assert f"  - {problem}" in summary, (problem, out)
-    assert out.count("  - ") == len(expected) + 6  # and the other six topics' partition counts
+    assert out.count("  - ") == len(expected) + 5  # and the other five topics' partition counts
     assert f"WARNING  topic {names.raw} has 1 replica(s), below RELAY_REPLICATION_FACTOR=2" in out
     assert f"WARNING  topic {names.raw} has min.insync.replicas=1, below RELAY_MIN_INSYNC_REPLICAS=2" in out
     assert PUSHLY_KEY not in out and ODP_TOKEN not in out

@@ -7,7 +7,8 @@
   RSS; every 200 body is in ``webhooks.raw`` and every 400 body in ``dead-letter``, by request id and
   bytes. The same bodies are produced straight into the raw topic too; a worker subprocess must then
   commit to the end of the raw topic, stay alive, and account for every raw record as exactly the
-  segment events and dead letters the split function gives for it.
+  segment events and dead letters the split function gives for it (each dead letter the rejected
+  record's original bytes, with its reason code and element index).
 
 ``pytest`` runs a short corpus; ``pytest --run-slow`` (``make test``) adds the 10,000-case one.
 """
@@ -260,13 +261,17 @@ async def check_split_accounts_for_raw(settings: Settings, worker: Component) ->
     events = Counter(
         orjson.loads(r.value)["request_id"] for r in await read_topic(bootstrap, names.segment_events)
     )
-    dead = Counter[tuple[int, int]]()
+    # Per raw record: each dead letter's (element index, reason code, bytes).
+    dead: dict[tuple[int, int], list[tuple[int | None, str, bytes]]] = {}
     codes = Counter[str]()
     for r in await read_topic(bootstrap, names.dead_letter):
         if _header(r, "stage") == b"split":
             assert _header(r, "raw-topic") == names.raw.encode()
-            dead[(int(_header(r, "raw-partition") or b"-1"), int(_header(r, "raw-offset") or b"-1"))] += 1
-            codes[(_header(r, "reason-code") or b"").decode()] += 1
+            at = (int(_header(r, "raw-partition") or b"-1"), int(_header(r, "raw-offset") or b"-1"))
+            index = _header(r, "element-index")
+            code = (_header(r, "reason-code") or b"").decode()
+            dead.setdefault(at, []).append((None if index is None else int(index), code, r.value))
+            codes[code] += 1
     assert codes["internal_error"] == 0, "the split function raised on some record (see the worker log)"
     ctx = Context(source="default", request_id="", received_at=datetime.now(UTC), match_field="email")
     problems = []
@@ -274,11 +279,16 @@ async def check_split_accounts_for_raw(settings: Settings, worker: Component) ->
     for r in raw_records:
         expected = split_body(r.value, ctx)
         got_events = events[(_header(r, "request-id") or b"").decode()]
-        got_dead = dead[(r.partition, r.offset)]
-        if (got_events, got_dead) != (len(expected.events), len(expected.rejected)):
+        got_dead = sorted(dead.get((r.partition, r.offset), []), key=repr)
+        # A dead letter is the rejected record's original bytes: the body, or the batch element as sent.
+        want_dead = sorted(((j.index, j.code, j.record) for j in expected.rejected), key=repr)
+        # ... and is a piece of the raw record, never a re-encoding (which would lose a duplicate key).
+        pieces = all(value in r.value for _, _, value in got_dead)
+        if got_events != len(expected.events) or got_dead != want_dead or not pieces:
             problems.append(
-                f"raw {r.partition}:{r.offset} ({r.value[:80]!r}): {got_events} events and {got_dead} dead "
-                f"letters, expected {len(expected.events)} and {len(expected.rejected)}"
+                f"raw {r.partition}:{r.offset} ({r.value[:80]!r}): {got_events} events and dead letters "
+                f"{[(i, c, v[:60]) for i, c, v in got_dead][:5]}, expected {len(expected.events)} and "
+                f"{[(i, c, v[:60]) for i, c, v in want_dead][:5]}"
             )
     assert not problems, "\n".join(problems[:20])
     return {"raw records": len(raw_records), "segment events": sum(events.values()), **codes}

@@ -13,6 +13,8 @@ import pytest
 from aiokafka import errors as kerrors
 from aiokafka.partitioner import DefaultPartitioner
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from audience_relay import cli, kafka, ports
@@ -239,8 +241,8 @@ def test_faust_gets_the_same_connection(pki: dict[str, Pem], protocol: str) -> N
     if "SSL" in protocol:
         values |= {"kafka_ssl_ca_file": pki["ca"].cert}
     s = settings(**values, kafka_bootstrap_servers="k1:9093, k2:9093")
-    broker = kafka.faust_broker_settings(s, scheme="relaykafka")
-    assert broker["broker"] == ["relaykafka://k1:9093", "relaykafka://k2:9093"]
+    broker = kafka.faust_broker_settings(s)
+    assert broker["broker"] == ["guardedkafka://k1:9093", "guardedkafka://k2:9093"]
     # faust's own aiokafka driver turns the credentials into client arguments: the factory's ones.
     expected = {k: v for k, v in kafka.connection_kwargs(s).items() if k != "bootstrap_servers"}
     translated = {k: v for k, v in credentials_to_aiokafka_auth(broker["broker_credentials"]).items() if v}
@@ -252,7 +254,7 @@ def test_the_processors_app_connects_through_the_factory(pki: dict[str, Pem], tm
 
     s = secured(pki, replication_factor=3, min_insync_replicas=2, worker_data_dir=tmp_path)
     app = create_app(s)
-    assert [str(u) for u in app.conf.broker] == ["relaykafka://127.0.0.1:9092"]
+    assert [str(u) for u in app.conf.broker] == ["guardedkafka://127.0.0.1:9092"]
     assert credentials_to_aiokafka_auth(app.conf.broker_credentials)["sasl_plain_password"] == PASSWORD
     assert app.conf.topic_replication_factor == 3
     [table] = app.tables.values()
@@ -263,7 +265,6 @@ def test_the_processors_app_connects_through_the_factory(pki: dict[str, Pem], tm
 
 
 def test_every_name_comes_from_one_place() -> None:
-    from processors import operations
     from processors import partitions as parts
     from processors.app import app_id
     from sinks.engine import group_id
@@ -271,25 +272,21 @@ def test_every_name_comes_from_one_place() -> None:
     s = settings(topic_prefix="acme")
     names = Names.from_settings(s)
     assert names.groups == GroupNames(
-        processors="acme-processors",
+        split="acme-processors",
+        tables="acme-processors-tables",
+        membership="acme-processors-membership",
         sinks={n: f"acme.sink.{n}" for n in SINKS},
         replays={n: f"acme.dead-letter-replay.{n}" for n in SINKS},
         resyncs={n: f"acme.resync.{n}" for n in SINKS},
     )
-    assert app_id(s) == parts.processors_group(s) == operations.processors_group(s) == names.groups.processors
+    assert app_id(s) == names.groups.tables
     assert [group_id(s, n) for n in SINKS] == [names.groups.sink(n) for n in SINKS]
     assert names.topics == TopicNames.from_settings(s)
-    assert names.topics.changelog == "acme-processors-membership-changelog"
+    assert names.topics.field_changes == "acme.field-changes"
     assert parts.state_topic(s) == names.topics.partition_moves == "acme.partitions"
     assert {spec.name for spec in topic_specs(s)} == {
         getattr(names.topics, f) for f in ("raw", "segment_events", "dead_letter", "membership_changes")
-    } | {
-        names.topics.membership,
-        names.topics.analytics,
-        names.topics.changelog,
-        names.topics.field_changes,
-        names.topics.deliveries,
-    }
+    } | {names.topics.membership, names.topics.analytics, names.topics.field_changes, names.topics.deliveries}
 
 
 def test_the_cli_offers_exactly_the_sinks() -> None:
@@ -313,6 +310,16 @@ def test_one_partitioner_for_text_and_bytes() -> None:
             expected = default(key.encode(), list(range(n)), list(range(n)))
             assert partition_for(key, n) == partition_for(key.encode(), n) == expected
     assert queries.partition_for is parts.partition_for is partition_for
+
+
+@given(st.binary(max_size=300))
+def test_murmur2_is_kafkas(data: bytes) -> None:
+    """The relay's faster murmur2 equals aiokafka's (the Java client's) on any key."""
+    from aiokafka.partitioner import murmur2 as reference
+
+    from audience_relay.partitioner import murmur2
+
+    assert murmur2(data) == reference(data) & 0xFFFFFFFF
 
 
 def test_min_insync_replicas_goes_on_every_topic_only_above_one() -> None:

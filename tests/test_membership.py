@@ -5,19 +5,22 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.membership import MEMBER, apply_event, fold
+from processors.membership import decide, fold, from_us, state_key, to_us
 from schemas.records import MembershipChange, MembershipState, SegmentEvent
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def event(ident: str, audience: str, kind: str, second: int) -> dict[str, Any]:
+def event(
+    ident: str, audience: str, kind: str, second: int, identifiers: dict[str, str] | None = None
+) -> dict[str, Any]:
     when = T0 + timedelta(seconds=second)
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "event_id": SegmentEvent.make_id(ident, audience, kind, when),
         "identifier": ident,
         "match_field": "email",
@@ -27,49 +30,64 @@ def event(ident: str, audience: str, kind: str, second: int) -> dict[str, Any]:
         "event_time": when,
         "event_time_source": "segment_event",
         "lytics_user_id": None,
+        "identifiers": identifiers or {},
         "source": "default",
         "request_id": "r",
         "received_at": T0,
-        "fields": None,
     }
 
 
-def changes_of(emitted: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for e in emitted if "change_id" in e]
-
-
 def test_enter_then_exit_emits_two_flips_with_time_in_audience() -> None:
-    value, emitted = fold([event("u", "a", "enter", 10), event("u", "a", "exit", 70)])
-    entered, exited = changes_of(emitted)
+    states, changes = fold([event("u", "a", "enter", 10), event("u", "a", "exit", 70)])
+    entered, exited = changes
     assert (entered["change"], exited["change"]) == ("entered", "exited")
     assert exited["seconds_in_audience"] == 60.0
-    for record in emitted:
-        (MembershipChange if "change_id" in record else MembershipState).model_validate(record)
-    assert value is not None and value["a"]["a"][MEMBER] == 0
+    for change in changes:
+        MembershipChange.model_validate(change)
+    state = states[state_key("u", "a")]
+    MembershipState.model_validate(state)
+    assert state["member"] is False and state["exited_at"] == "2026-01-01T00:01:10Z"
 
 
 def test_duplicates_stale_events_and_backfills_emit_nothing() -> None:
-    value, emitted = fold([event("u", "a", "enter", 10)])
-    assert len(changes_of(emitted)) == 1
+    states, changes = fold([event("u", "a", "enter", 10)])
+    assert len(changes) == 1
+    state = states[state_key("u", "a")]
     # The same event again (a Lytics retry) changes nothing at all.
-    assert apply_event(value, event("u", "a", "enter", 10)) == (None, [])
-    # A backfill "entered" for a member: no flip.
-    new_value, out = apply_event(value, event("u", "a", "enter", 500))
-    assert out == [] and new_value is not None
+    assert decide(state, event("u", "a", "enter", 10)) == (None, None)
+    # A backfill "entered" for a member: no flip (the state's enter time moves on).
+    newer, change = decide(state, event("u", "a", "enter", 500))
+    assert change is None and newer is not None and newer["entered_at"] == "2026-01-01T00:08:20Z"
     # An older exit: membership stays, nothing emitted.
-    _, out = apply_event(new_value, event("u", "a", "exit", 5))
-    assert out == []
+    _, change = decide(newer, event("u", "a", "exit", 5))
+    assert change is None
     # An exit for someone we never saw enter is not a change either.
-    assert changes_of(fold([event("v", "a", "exit", 10)])[1]) == []
+    assert fold([event("v", "a", "exit", 10)])[1] == []
 
 
-def test_field_change_updates_fields_without_a_membership_change() -> None:
-    change = event("u", "a", "change", 20) | {"fields": {"city": "Portland"}}
-    value, emitted = fold([event("u", "a", "enter", 10), change])
-    assert len(changes_of(emitted)) == 1
-    assert value is not None and value["f"] == {"city": "Portland"}
-    older = event("u", "a", "change", 15) | {"fields": {"city": "Old"}}
-    assert apply_event(value, older) == (None, [])
+def test_each_audience_is_its_own_small_state() -> None:
+    """A user in many audiences is many small values: none grows with the audience count."""
+    states, changes = fold([event("u", f"aud-{i}", "enter", i) for i in range(2_000)])
+    assert len(states) == len(changes) == 2_000
+    assert max(len(orjson.dumps(v)) for v in states.values()) < 1_024
+
+
+def test_identifiers_keep_the_newest_value_per_field() -> None:
+    older = event("u", "a", "enter", 10, {"_id": "old", "user_id": "u-1"})
+    newer = event("u", "a", "exit", 20, {"_id": "new"})
+    for order in ([older, newer], [newer, older]):
+        states, changes = fold(order)
+        state = states[state_key("u", "a")]
+        assert state["identifiers"] == {"_id": "new", "user_id": "u-1"}
+        assert state["identifiers_at"]["_id"] == from_us(to_us(T0 + timedelta(seconds=20)))
+    # The change carries the identifiers known when it was emitted.
+    _, changes = fold([older])
+    assert changes[0]["identifiers"] == {"_id": "old", "user_id": "u-1"}
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)))
+def test_times_round_trip_exactly(when: datetime) -> None:
+    assert to_us(from_us(to_us(when)) or "") == to_us(when)
 
 
 events_strategy = st.lists(
@@ -79,6 +97,9 @@ events_strategy = st.lists(
         audience=st.sampled_from(["a", "b"]),
         kind=st.sampled_from(["enter", "exit"]),
         second=st.integers(min_value=0, max_value=20),
+        identifiers=st.one_of(
+            st.none(), st.dictionaries(st.sampled_from(["_id", "user_id"]), st.sampled_from(["x", "y"]))
+        ),
     ),
     min_size=1,
     max_size=25,
@@ -92,11 +113,13 @@ def _by_identifier(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     return out
 
 
-def _run(events: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    states, emitted = {}, []
-    for ident, evs in _by_identifier(events).items():
-        states[ident], out = fold(evs)
-        emitted.extend(changes_of(out))
+def _run(events: list[dict[str, Any]]) -> tuple[dict[bytes, Any], list[dict[str, Any]]]:
+    states: dict[bytes, Any] = {}
+    emitted: list[dict[str, Any]] = []
+    for evs in _by_identifier(events).values():
+        out_states, out = fold(evs)
+        states.update(out_states)
+        emitted.extend(out)
     return states, emitted
 
 

@@ -18,6 +18,8 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from audience_relay import kafka
 from audience_relay.kafkautil import committed_offsets, end_offsets, produce_all, read_topic, topic_size
+from audience_relay.names import GroupNames
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from devtools.processes import Component, start_worker, wait_caught_up, wait_group
@@ -39,31 +41,43 @@ def test_partition_for_is_the_producers_default_partitioner() -> None:
     partitioner = DefaultPartitioner()
     for n in (1, 4, 12, 7):
         for i in range(500):
-            key = f"user{i}@example.com".encode()
-            assert parts.partition_for(key, n) == partitioner(key, list(range(n)), list(range(n)))
+            ident = f"user{i}@example.com"
+            assert partition_for(ident, n) == partitioner(ident.encode(), list(range(n)), list(range(n)))
 
 
-def test_changelog_keys_hash_as_the_segment_event_key() -> None:
-    assert parts.changelog_partition_key(b'"user@example.com"') == b"user@example.com"
-    assert parts.changelog_partition_key(b"raw-key") == b"raw-key"
+def test_state_keys_are_placed_by_their_identifier() -> None:
+    assert parts.state_identifier(b"user@example.com\x1faud-0") == "user@example.com"
     settings = make_settings("x")
     app = create_app(settings)
-    assert parts.changelog_topic(settings) == app.tables["membership"].changelog_topic.get_topic_name()
-    assert parts.processors_group(settings) == app_id(settings)
+    names = TopicNames.from_settings(settings)
+    # The membership topic is the table's changelog: one topic holds the state.
+    assert app.tables["membership"].changelog_topic.get_topic_name() == names.membership
+    assert [t.name for t in parts.managed_topics(settings) if t.role == "state"] == [names.membership]
 
 
 def test_collect_moves_keeps_the_latest_live_value_of_keys_that_move() -> None:
     keys = [f"k{i}".encode() for i in range(200)]
-    staying = [k for k in keys if parts.partition_for(k, 8) == 0]
-    leaving = [k for k in keys if parts.partition_for(k, 8) != 0]
+    staying = [k for k in keys if partition_for(k.decode(), 8) == 0]
+    leaving = [k for k in keys if partition_for(k.decode(), 8) != 0]
     records: list[tuple[bytes | None, bytes | None]] = [(k, b"old") for k in keys]
     records += [(k, b"new") for k in keys]
     records += [(leaving[0], None), (None, b"no key")]  # moved by an earlier, interrupted run
-    moves = parts.collect_moves(records, 0, 8, lambda k: k)
+    moves = parts.collect_moves(records, 0, 8, lambda k: k.decode())
     assert set(moves) == set(leaving[1:]) and not set(moves) & set(staying)
     assert all(
-        value == b"new" and target == parts.partition_for(k, 8) for k, (target, value) in moves.items()
+        value == b"new" and target == partition_for(k.decode(), 8) for k, (target, value) in moves.items()
     )
+
+
+def test_regroup_splits_a_segment_events_record_by_new_partition_in_order() -> None:
+    events = segment_events(range(40))
+    regrouped = parts.regroup(orjson.dumps({"schema_version": 2, "events": events}), 6)
+    assert regrouped is not None
+    for partition, value in regrouped.items():
+        group = orjson.loads(value)["events"]
+        assert all(partition_for(e["identifier"], 6) == partition for e in group)
+        assert group == [e for e in events if partition_for(e["identifier"], 6) == partition]
+    assert parts.regroup(b"not json", 6) is None
 
 
 def _state(s: Settings, counts: int, **kw: Any) -> parts.ClusterState:
@@ -81,9 +95,12 @@ def test_check_refusals_and_resume() -> None:
     assert "cannot remove" in parts.check(s, topics, _state(s, 4), 3).errors[0]
     missing = parts.ClusterState({t.name: 4 for t in topics[:-1]}, [], None)
     assert "does not exist" in parts.check(s, topics, missing, 12).errors[0]
-    busy = parts.Group(f"{s.topic_prefix}-processors", 2, {names.segment_events: 5, names.raw: 9})
-    verdict = parts.check(s, topics, _state(s, 4, groups=[busy]), 12)
+    groups = GroupNames.from_settings(s)
+    busy = parts.Group(groups.split, 2, {names.raw: 9})
+    pending = parts.Group(groups.membership, 0, {names.segment_events: 5})
+    verdict = parts.check(s, topics, _state(s, 4, groups=[busy, pending]), 12)
     assert len(verdict.errors) == 1 and "2 active member" in verdict.errors[0]
+    assert "stop workers" in verdict.errors[0]
     assert any("5 unprocessed segment events: apply moves those" in n for n in verdict.notes)
     assert any("9 raw webhooks to split" in n for n in verdict.notes)
     sink = parts.Group(f"{s.topic_prefix}.sink.odp", 0, {names.membership_changes: 3})
@@ -124,10 +141,24 @@ def segment_events(identifiers: range, kind: str = "enter", second: int = 1) -> 
 
 
 async def send_events(settings: Settings, events: list[dict[str, Any]]) -> None:
-    """To segment-events keyed by identifier, as the split agent sends them (default partitioner)."""
+    """To segment-events on each identifier's partition, one ``SegmentEvents`` record per event."""
     names = TopicNames.from_settings(settings)
-    records = [(e["identifier"].encode(), orjson.dumps(e), []) for e in events]
-    await produce_all(settings.kafka_bootstrap_servers, names.segment_events, records)  # type: ignore[arg-type]
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        for event in events:
+            value = orjson.dumps({"schema_version": 2, "events": [event]})
+            partition = partition_for(event["identifier"], settings.partitions)
+            await producer.send(names.segment_events, value, partition=partition)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def identifier_of(record: Any) -> str:
+    """The identifier of a one-event ``SegmentEvents`` record."""
+    [event] = orjson.loads(record.value)["events"]
+    return str(event["identifier"])
 
 
 async def live(settings: Settings, topic: str) -> dict[int, dict[bytes, Any]]:
@@ -228,16 +259,15 @@ async def test_4_to_12_partitions_matches_a_fresh_12_partition_deployment(
 
         out = io.StringIO()
         assert await parts.apply(moved, 12, out, progress=False) == 0, out.getvalue()
-        assert f"unprocessed segment events moved to their new partitions: {len(backlog)}" in out.getvalue()
-        changelog = parts.changelog_topic(moved)
+        assert "unprocessed segment events moved to their new partitions" in out.getvalue()
         names_m, names_f = TopicNames.from_settings(moved), TopicNames.from_settings(fresh)
+        changelog = names_m.membership
         await wait_changes(fresh, [w_fresh], IDENTIFIERS)
-        # Lookups: the changelog (what every worker recovers from) and the compacted state topic hold,
+        # Lookups: the state topic (the table's changelog, what every worker recovers from) holds,
         # partition by partition, exactly what a deployment born with 12 partitions holds.
         table_m = await live(moved, changelog)
         assert sum(map(len, table_m.values())) == IDENTIFIERS
-        assert table_m == await live(fresh, parts.changelog_topic(fresh))
-        assert await live(moved, names_m.membership) == await live(fresh, names_f.membership)
+        assert table_m == await live(fresh, names_f.membership)
         # A worker still configured for 4 partitions refuses to start, with the fix in the message.
         refused = start_worker(moved, tmp_path, "moved")
         assert refused.proc.wait(60) == 78
@@ -247,8 +277,7 @@ async def test_4_to_12_partitions_matches_a_fresh_12_partition_deployment(
         moved_keys = {
             e["identifier"]
             for e in follow
-            if parts.partition_for(e["identifier"].encode(), 4)
-            != parts.partition_for(e["identifier"].encode(), 12)
+            if partition_for(e["identifier"], 4) != partition_for(e["identifier"], 12)
         }
         assert 0 < len(moved_keys) < 3000
         moved12 = moved.model_copy(update={"partitions": 12})
@@ -272,10 +301,10 @@ async def test_4_to_12_partitions_matches_a_fresh_12_partition_deployment(
         assert kinds.count("exited") == 2000 and kinds.count("entered") == 1000
         assert {c["identifier"] for p in emitted.values() for c in p} & moved_keys
         table_m = await live(moved12, changelog)
-        assert table_m == await live(fresh, parts.changelog_topic(fresh))
+        assert table_m == await live(fresh, names_f.membership)
         restarted.stop()
         log = restarted.log.read_text()
-        assert "built for 4 partitions, the topics have 12: rebuilding the local table" in log
+        assert "built for 4 partitions, the topics have 12: rebuilding" in log
         # The restarted worker's own table (its RocksDB, rebuilt from the moved changelog) agrees.
         assert rocksdb_tables(tmp_path / "moved-data" / app_id(moved)) == {
             p: {k: v for k, v in rows.items()} for p, rows in table_m.items()
@@ -290,22 +319,17 @@ async def test_4_to_12_partitions_matches_a_fresh_12_partition_deployment(
 
 
 async def small_deployment(kafka_bootstrap: str, partitions: int = 3, users: int = 300) -> Settings:
-    """Topics, a changelog and a membership topic holding ``users`` identifiers, as a worker leaves them."""
+    """Topics and a membership topic holding ``users`` identifiers, as a worker leaves them."""
     settings = make_settings(kafka_bootstrap, partitions=partitions)
-    await create_topics(settings)  # the changelog too
+    await create_topics(settings)
     names = TopicNames.from_settings(settings)
     producer = kafka.producer(settings)
     await producer.start()
     try:
-        for event in segment_events(range(users)):
-            value, emitted = fold([event])
-            ident = event["identifier"]
-            p = parts.partition_for(ident.encode(), partitions)
-            await producer.send(
-                parts.changelog_topic(settings), orjson.dumps(value), key=orjson.dumps(ident), partition=p
-            )
-            [_, state] = emitted
-            await producer.send(names.membership, orjson.dumps(state), key=f"{ident}\x1faud-0".encode())
+        states, _ = fold(segment_events(range(users)))
+        for key, state in states.items():
+            p = partition_for(state["identifier"], partitions)
+            await producer.send(names.membership, orjson.dumps(state), key=key, partition=p)
         await producer.flush()
     finally:
         await producer.stop()
@@ -327,15 +351,9 @@ async def test_plan_prints_the_move_and_changes_nothing(kafka_bootstrap: str) ->
     before = await sizes(settings)
     result = cli(settings, "partitions", "plan", "--to", "6", "--quiet")
     assert result.returncode == 0, result.stdout + result.stderr
-    idents = [f"user{n}@example.com".encode() for n in range(300)]
-    expected = sum(1 for k in idents if parts.partition_for(k, 3) != parts.partition_for(k, 6))
-    expected_m = sum(
-        1
-        for k in idents
-        if parts.partition_for(k + b"\x1faud-0", 3) != parts.partition_for(k + b"\x1faud-0", 6)
-    )
-    assert f"keys to move in {parts.changelog_topic(settings)}: {expected}" in result.stdout
-    assert f"keys to move in {TopicNames.from_settings(settings).membership}: {expected_m}" in result.stdout
+    idents = [f"user{n}@example.com" for n in range(300)]
+    expected = sum(1 for k in idents if partition_for(k, 3) != partition_for(k, 6))
+    assert f"keys to move in {TopicNames.from_settings(settings).membership}: {expected}" in result.stdout
     for t in parts.managed_topics(settings):
         assert t.name in result.stdout
     assert "RELAY_PARTITIONS=6" in result.stdout
@@ -391,14 +409,15 @@ async def test_apply_resumes_after_an_interruption_and_workers_wait_for_it(
 ) -> None:
     settings = await small_deployment(kafka_bootstrap, users=500)
     topics = parts.managed_topics(settings)
-    expected = {p: rows for p, rows in (await live(settings, parts.changelog_topic(settings))).items()}
+    names = TopicNames.from_settings(settings)
+    expected = {p: rows for p, rows in (await live(settings, names.membership)).items()}
     # A run that died half-way: move recorded, counts raised, some values copied, no tombstones yet.
     state = await parts.read_state(settings, topics)
     await parts._write_state(
         settings, {"state": "started", "to": 6, "from": state.counts, "started_at": "t0"}
     )
     await parts.raise_partitions(settings, state.counts, 6)
-    changelog = next(t for t in topics if t.name == parts.changelog_topic(settings))
+    changelog = next(t for t in topics if t.name == names.membership)
     consumer = parts._consumer(settings)
     await consumer.start()
     try:
@@ -423,36 +442,33 @@ async def test_apply_resumes_after_an_interruption_and_workers_wait_for_it(
     out = cli(settings, "partitions", "apply", "--to", "6", "--quiet")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "resuming the interrupted move to 6" in out.stdout
-    table = await live(settings, parts.changelog_topic(settings))
+    table = await live(settings, names.membership)
     want: dict[int, dict[bytes, Any]] = defaultdict(dict)
     for rows in expected.values():
         for key, value in rows.items():
-            want[parts.partition_for(parts.changelog_partition_key(key), 6)][key] = value
+            want[partition_for(parts.state_identifier(key), 6)][key] = value
     assert table == dict(want)
     again = cli(settings, "partitions", "apply", "--to", "6", "--quiet")
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
 def test_local_table_is_rebuilt_for_another_partition_count(tmp_path: Path) -> None:
-    from processors.worker import CLEAN_MARKER, prepare_data_dir
+    from processors.worker import prepare_data_dir
 
     data = tmp_path / "app"
     assert prepare_data_dir(data, 4) is False  # first start
     (data / "membership-0.db").mkdir()
-    (data / CLEAN_MARKER).touch()
-    assert prepare_data_dir(data, 4) is True  # clean, same count: kept
-    (data / CLEAN_MARKER).touch()
-    assert prepare_data_dir(data, 12) is False  # clean, but built for 4 partitions: rebuilt
+    assert prepare_data_dir(data, 4) is True  # same count: kept (also after a crash)
+    assert prepare_data_dir(data, 12) is False  # built for 4 partitions: rebuilt
     assert not (data / "membership-0.db").exists() and (data / "partitions").read_text() == "12\n"
     (data / "membership-0.db").mkdir()
-    (data / CLEAN_MARKER).touch()
     assert prepare_data_dir(data, 12) is True
 
 
 async def test_unprocessed_segment_events_move_to_their_new_partitions(kafka_bootstrap: str) -> None:
     settings = await small_deployment(kafka_bootstrap, users=10)
     names = TopicNames.from_settings(settings)
-    group = parts.processors_group(settings)
+    group = GroupNames.from_settings(settings).membership
     # 600 events of 200 identifiers; the processors committed the first 100 records of each partition.
     pending = (
         segment_events(range(200))
@@ -482,9 +498,9 @@ async def test_unprocessed_segment_events_move_to_their_new_partitions(kafka_boo
     # one key's events in their original order.
     after = await read_topic(kafka_bootstrap, names.segment_events, since)
     assert sorted(r.value for r in after) == sorted(r.value for r in unprocessed)
-    order: dict[bytes, list[bytes]] = defaultdict(list)
+    order: dict[str, list[bytes]] = defaultdict(list)
     for r in after:
-        assert r.partition == parts.partition_for(r.key, 6)
-        order[r.key].append(r.value)
+        assert r.partition == partition_for(identifier_of(r), 6)
+        order[identifier_of(r)].append(r.value)
     for r in sorted(unprocessed, key=lambda r: (r.partition, r.offset)):
-        assert order[r.key].pop(0) == r.value
+        assert order[identifier_of(r)].pop(0) == r.value

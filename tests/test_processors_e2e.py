@@ -10,21 +10,21 @@ import orjson
 
 from audience_relay import kafka
 from audience_relay.kafkautil import produce_all, read_topic
+from audience_relay.names import GroupNames
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from devtools.processes import (
     raw_headers,
     read_json,
+    read_segment_events,
     start_worker,
     wait_caught_up,
     wait_for_outputs,
     wait_group,
 )
-from processors.app import app_id
 from processors.membership import fold
 from processors.split import Context, split_body
-from processors.worker import CLEAN_MARKER
-from schemas.records import MembershipChange, MembershipState, SegmentEvent
+from schemas.records import FieldChange, MembershipChange, MembershipState, SegmentEvent, SegmentEvents
 from tests.conftest import SAMPLES, make_settings, start_ingress
 
 KEY = {"X-API-KEY": "key-current"}
@@ -50,15 +50,21 @@ async def test_samples_become_events_states_and_changes(kafka_bootstrap: str, tm
         await _post_all(ingress.url, [p.read_bytes() for p in samples])
         await wait_caught_up(settings, [worker])
 
-        events = await read_json(settings, names.segment_events)
+        for group in await read_json(settings, names.segment_events):
+            SegmentEvents.model_validate(group)
+        events = await read_segment_events(settings)
         for e in events:
             SegmentEvent.model_validate(e)
         assert sorted((e["identifier"], e["event"], e["event_time_source"]) for e in events) == [
-            ("user@example.com", "change", "meta"),
             ("user@example.com", "enter", "segment_event"),  # cloudevents
             ("user@example.com", "enter", "segment_event"),  # default
             ("user@example.com", "enter", "segment_event"),  # legacy
         ]
+        # The field-change sample goes to its own topic, with the user's fields.
+        [field_change] = await read_json(settings, names.field_changes)
+        FieldChange.model_validate(field_change)
+        assert field_change["identifier"] == "user@example.com"
+        assert field_change["fields"]["city"] == "Portland"
         # The three "enter" samples are one user entering one audience: a single change.
         [change] = await read_json(settings, names.membership_changes)
         MembershipChange.model_validate(change)
@@ -105,8 +111,6 @@ async def test_samples_become_events_states_and_changes(kafka_bootstrap: str, tm
     finally:
         worker.stop()
         await ingress.runner.cleanup()
-    # A graceful stop marks the local table copy as reusable for the next start.
-    assert (tmp_path / "w1-data" / app_id(settings) / CLEAN_MARKER).exists()
 
 
 def user_history(n: int, audiences: int = 3) -> list[dict[str, Any]]:
@@ -150,23 +154,18 @@ def bodies_for(users: range, per_body: int = 50) -> list[bytes]:
     return bodies
 
 
-def oracle(settings: Settings, bodies: list[bytes]) -> tuple[dict[str, Any], set[str]]:
-    """What a correct run must produce: final table values and the set of change ids."""
+def split_all(settings: Settings, bodies: list[bytes]) -> list[dict[str, Any]]:
+    """Every segment event of ``bodies`` as the workers see it (through JSON), in body order."""
     from datetime import UTC, datetime
 
     ctx = Context("default", "r", datetime(2026, 1, 1, tzinfo=UTC), settings.match_field)
-    per_user: dict[str, list[dict[str, Any]]] = {}
-    for body in bodies:
-        for e in split_body(body, ctx).events:
-            per_user.setdefault(e["identifier"], []).append(
-                orjson.loads(orjson.dumps(e))  # as the worker sees it: through JSON
-            )
-    table, change_ids = {}, set()
-    for ident, evs in per_user.items():
-        value, emitted = fold(evs)
-        table[ident] = value
-        change_ids |= {c["change_id"] for c in emitted if "change_id" in c}
-    return table, change_ids
+    return [orjson.loads(orjson.dumps(e)) for body in bodies for e in split_body(body, ctx).events]
+
+
+def oracle(settings: Settings, bodies: list[bytes]) -> tuple[dict[bytes, Any], set[str]]:
+    """What a correct run must produce: final table values (by state key) and the set of change ids."""
+    table, changes = fold(split_all(settings, bodies))
+    return table, {c["change_id"] for c in changes}
 
 
 async def preload(settings: Settings, bodies: list[bytes]) -> None:
@@ -191,7 +190,7 @@ async def test_two_workers_share_partitions_and_match_one(kafka_bootstrap: str, 
         admin = kafka.admin(settings)
         await admin.start()
         try:
-            [group] = await admin.describe_consumer_groups([f"{settings.topic_prefix}-processors"])
+            [group] = await admin.describe_consumer_groups([GroupNames.from_settings(settings).tables])
         finally:
             await admin.close()
         assert len(group.groups[0][5]) == 2  # two members share the partitions
@@ -200,3 +199,24 @@ async def test_two_workers_share_partitions_and_match_one(kafka_bootstrap: str, 
     finally:
         for w in workers:
             w.stop()
+
+
+async def test_a_healthy_backlog_run_logs_no_warning(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A backlog through one worker: every batch is clean, so not one warning (or error) line."""
+    settings = make_settings(kafka_bootstrap, partitions=4)
+    await create_topics(settings)
+    bodies = bodies_for(range(4_000), per_body=300)
+    expected_table, expected_changes = oracle(settings, bodies)
+    await preload(settings, bodies)  # a backlog before the worker starts, like a backfill
+    worker = start_worker(settings, tmp_path, RELAY_LOG_LEVEL="INFO")
+    try:
+        await wait_for_outputs(settings, [worker], expected_changes, expected_table, timeout=300)
+        await wait_caught_up(settings, [worker])
+    finally:
+        worker.stop()
+    lines = [orjson.loads(line) for line in worker.log.read_text().splitlines() if line.startswith("{")]
+    started = next(i for i, line in enumerate(lines) if line["event"] == "membership partitions started")
+    # From the first batch on (before it, aiokafka may log a group coordinator it is still looking
+    # for at start: retried, and not about the data).
+    noisy = [f"{x['level']} {x['logger']}: {x['event']}" for x in lines[started:] if x["level"] != "info"]
+    assert noisy == [], noisy

@@ -5,34 +5,25 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 import yaml
-from faust.types import TP
 from openapi_spec_validator import validate
 
 from audience_relay.auth import Authenticator
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
 from audience_relay.topics import create_topics
 from devtools.localkafka import free_port
 from devtools.processes import Component, wait_for_outputs, wait_group
 from devtools.wait import until_async
 from processors.app import create_app
-from processors.membership import fold
-from processors.queries import (
-    OPENAPI,
-    SERVED_BY,
-    PartitionCounts,
-    QueryService,
-    current_audiences,
-    member_view,
-    parse_partitions,
-    partition_for,
-)
+from processors.membership import decide, fold, identifier_prefix, state_key
+from processors.queries import OPENAPI, SERVED_BY, member_view, parse_partitions
+from processors.stages import AudienceCounts
 from tests.conftest import make_settings
 from tests.test_processors_e2e import bodies_for, oracle, preload
 
@@ -57,64 +48,63 @@ def _event(user: int, audience: int, kind: str, second: int) -> dict[str, Any]:
     }
 
 
+def states_of(table: dict[bytes, Any], ident: str) -> list[dict[str, Any]]:
+    """The stored states of one identifier (the values under its key prefix)."""
+    return [v for k, v in table.items() if k.startswith(identifier_prefix(ident))]
+
+
+def identifiers_of(table: dict[bytes, Any]) -> list[str]:
+    return sorted({k.split(b"\x1f", 1)[0].decode() for k in table})
+
+
 def test_incremental_counts_equal_a_rebuild() -> None:
     """Counting every write as it happens ends where counting the final table does."""
     rng = random.Random(7)
-    counts, table = PartitionCounts(), {}
+    counts, table = AudienceCounts(), {}
     counts.rebuild(0, [])
     for _ in range(3000):
-        user = rng.randrange(40)
-        event = _event(user, rng.randrange(4), rng.choice(["enter", "exit"]), rng.randrange(60))
-        old = table.get(user)
-        new, _ = fold([event], old)
-        counts.apply(0, old, new)
-        table[user] = new
-    fresh = PartitionCounts()
-    fresh.rebuild(0, table.values())
+        event = _event(rng.randrange(40), rng.randrange(4), rng.choice(["enter", "exit"]), rng.randrange(60))
+        key = state_key(event["identifier"], event["audience_id"])
+        old = table.get(key)
+        new, _ = decide(old, event)
+        if new is not None:
+            counts.update(0, new["audience_id"], bool(old and old["member"]), new["member"])
+            table[key] = new
+    fresh = AudienceCounts()
+    fresh.rebuild(0, ((k, orjson.dumps(v)) for k, v in table.items()))
     for audience in ("a0", "a1", "a2", "a3", "nobody"):
-        expected = sum(audience in current_audiences(v) for v in table.values())
+        expected = sum(1 for v in table.values() if v["audience_id"] == audience and v["member"])
         assert counts.count(0, audience) == fresh.count(0, audience) == expected
-    counts.keep_only(set())
+    counts.drop([0])
     assert counts.count(0, "a0") is None  # not counted: never served as 0
-    counts.apply(0, None, table[0])  # writes to an uncounted partition are ignored
-    assert counts.counted() == set()
 
 
 @pytest.mark.parametrize("store", ["rocksdb", "memory"])
-def test_changelog_records_applied_to_a_counted_partition_are_counted(store: str, tmp_path: Path) -> None:
-    """A worker that missed writes recovers them from the changelog: its counters follow."""
+def test_state_store_reads_what_it_applied_per_partition(store: str, tmp_path: Path) -> None:
+    """Writes applied with their changelog offsets read back per partition and by identifier prefix."""
     settings = make_settings("127.0.0.1:1", table_store=store, partitions=4, worker_data_dir=tmp_path)
     app = create_app(settings)
-    table = app.tables["membership"]
-    service = QueryService(app, table, settings)
-    partition = partition_for("u1", 4)
-    topic = table.changelog_topic.get_topic_name()
-
-    def record(value: Any, offset: int) -> Any:
-        message = SimpleNamespace(
-            partition=partition,
-            key=orjson.dumps("u1"),
-            value=orjson.dumps(value),
-            tp=TP(topic, partition),
-            offset=offset,
-        )
-        return SimpleNamespace(key="u1", value=value, message=message)
-
-    entered, _ = fold([_event(1, 0, "enter", 1), _event(1, 1, "enter", 1)])
-    exited, _ = fold([_event(1, 0, "exit", 2)], entered)
-    table.apply_changelog_batch([record(entered, 0)])  # not counted yet (e.g. a standby)
-    assert service.counts.count(partition, "a0") is None
-    service.counts.rebuild(partition, service.reader.values(partition))
-    assert (service.counts.count(partition, "a0"), service.counts.count(partition, "a1")) == (1, 1)
-    table.apply_changelog_batch([record(exited, 1)])
-    assert (service.counts.count(partition, "a0"), service.counts.count(partition, "a1")) == (0, 1)
-    assert service.reader.get(partition, "u1") == exited
+    processors = app.processors
+    states, _ = fold([_event(1, 0, "enter", 1), _event(1, 1, "enter", 2), _event(2, 0, "enter", 3)])
+    by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+    for key, value in states.items():
+        by_partition.setdefault(processors.store.partition_of(key), []).append((key, orjson.dumps(value)))
+    for partition, writes in by_partition.items():
+        processors.store.apply(partition, writes, last_offset=10 + len(writes))
+        if store == "rocksdb":
+            assert processors.store.persisted_offset(partition) == 10 + len(writes)
+        keys = [k for k, _ in writes]
+        assert processors.store.get_many(partition, [*keys, b"nobody\x1fa0"]) == [v for _, v in writes] + [
+            None
+        ]
+    u1 = partition_for("u1", 4)
+    assert [k for k, _ in processors.store.items(u1, identifier_prefix("u1"))] == [b"u1\x1fa0", b"u1\x1fa1"]
+    assert list(processors.store.items(u1, identifier_prefix("u"))) == []  # "u" is no identifier here
 
 
 def test_member_view_lists_current_audiences_only() -> None:
-    value, _ = fold([_event(1, 0, "enter", 1), _event(1, 1, "enter", 2), _event(1, 1, "exit", 3)])
-    assert value is not None
-    view = member_view("u1", "email", value)
+    states, _ = fold([_event(1, 0, "enter", 1), _event(1, 1, "enter", 2), _event(1, 1, "exit", 3)])
+    view = member_view("u1", "email", states_of(states, "u1"))
     assert view == {
         "identifier": "u1",
         "match_field": "email",
@@ -128,7 +118,7 @@ def test_member_view_lists_current_audiences_only() -> None:
         ],
     }
     gone, _ = fold([_event(2, 0, "enter", 1), _event(2, 0, "exit", 2)])
-    assert gone is not None and member_view("u2", "email", gone)["audiences"] == []
+    assert member_view("u2", "email", states_of(gone, "u2"))["audiences"] == []
 
 
 def test_partitions_parameter_and_partitioner() -> None:
@@ -194,8 +184,8 @@ async def ask(
         return resp.status, parsed, dict(resp.headers)
 
 
-def expected_counts(table: dict[str, Any], audiences: list[str]) -> dict[str, int]:
-    return {a: sum(a in current_audiences(v) for v in table.values()) for a in audiences}
+def expected_counts(table: dict[bytes, Any], audiences: list[str]) -> dict[str, int]:
+    return {a: sum(1 for v in table.values() if v["audience_id"] == a and v["member"]) for a in audiences}
 
 
 def _raw(email: str, audience: str, kind: str, stamp: str) -> bytes:
@@ -246,8 +236,6 @@ async def test_two_workers_answer_for_each_other(kafka_bootstrap: str, tmp_path:
                         return False
                 return True
 
-            # The first worker settles alone before the second joins: a rebalance arriving while
-            # the first recovery ends has left faust 0.15 never fetching two raw partitions here.
             w1 = Worker(settings, tmp_path, "w1")
             workers.append(w1)
             await until_async(lambda: counts_answer(w1), 90, what="w1 to settle alone")
@@ -258,12 +246,14 @@ async def test_two_workers_answer_for_each_other(kafka_bootstrap: str, tmp_path:
             await preload(settings, bodies)
             await wait_for_outputs(settings, [w.proc for w in workers], changes, table, timeout=120)
 
+            idents = identifiers_of(table)
+
             async def all_answers(worker: Worker) -> dict[str, tuple[int, Any, dict[str, str]]]:
                 return dict(
                     zip(
-                        table,
+                        idents,
                         await asyncio.gather(
-                            *(ask(http, f"{worker.url}/v1/members/{ident}") for ident in table)
+                            *(ask(http, f"{worker.url}/v1/members/{ident}") for ident in idents)
                         ),
                         strict=True,
                     )
@@ -283,7 +273,7 @@ async def test_two_workers_answer_for_each_other(kafka_bootstrap: str, tmp_path:
                 assert served_by == {w1.url, w2.url}, "some answers must come from the other worker"
                 for ident, (status, body, _) in answers.items():
                     assert status == 200, (ident, status, body)
-                    assert body == member_view(ident, "email", table[ident])
+                    assert body == member_view(ident, "email", states_of(table, ident))
                 assert answers[gone][1]["audiences"] == []  # known, in no audience
 
                 for audience, n in expected_counts(table, audiences).items():
@@ -299,7 +289,7 @@ async def test_two_workers_answer_for_each_other(kafka_bootstrap: str, tmp_path:
                 status, body, _ = await ask(http, f"{worker.url}/v1/members/%20User3@EXAMPLE.com")
                 assert (status, body) == (
                     200,
-                    member_view("user3@example.com", "email", table["user3@example.com"]),
+                    member_view("user3@example.com", "email", states_of(table, "user3@example.com")),
                 )
 
                 # Credentials like the ingress: none or a wrong key is a 401 JSON problem.
@@ -320,7 +310,11 @@ async def test_two_workers_answer_for_each_other(kafka_bootstrap: str, tmp_path:
                 assert status == 200 and yaml.safe_load(spec) == yaml.safe_load(OPENAPI.read_text())
 
             # An exit: the user leaves the audience on every worker and the count drops by one.
-            member = next(i for i, v in sorted(table.items()) if "aud-0" in current_audiences(v))
+            member = next(
+                v["identifier"]
+                for _, v in sorted(table.items())
+                if v["audience_id"] == "aud-0" and v["member"]
+            )
             exit_body = _raw(member, "aud-0", "exit", "2026-01-02T00:00:00Z")
             after, _ = oracle(settings, [*bodies, exit_body])
             assert (
@@ -331,7 +325,7 @@ async def test_two_workers_answer_for_each_other(kafka_bootstrap: str, tmp_path:
 
                 async def left(worker: Worker = worker) -> bool:
                     _, body, _ = await ask(http, f"{worker.url}/v1/members/{member}")
-                    return body == member_view(member, "email", after[member])
+                    return body == member_view(member, "email", states_of(after, member))
 
                 await until_async(left, 60, what="the exit to show")
                 status, body, _ = await ask(http, f"{worker.url}/v1/audiences/aud-0/count")
@@ -343,7 +337,7 @@ async def test_two_workers_answer_for_each_other(kafka_bootstrap: str, tmp_path:
             stop = asyncio.Event()
 
             async def probe() -> None:
-                idents = sorted(after)
+                idents = identifiers_of(after)
                 while not stop.is_set():
                     for ident in idents[::7]:
                         status, body, h = await ask(http, f"{w1.url}/v1/members/{ident}")
@@ -351,7 +345,10 @@ async def test_two_workers_answer_for_each_other(kafka_bootstrap: str, tmp_path:
                         if status == 503:
                             assert h["Retry-After"] == "2" and body["error"] == "unavailable"
                         else:
-                            assert (status, body) == (200, member_view(ident, "email", after[ident]))
+                            assert (status, body) == (
+                                200,
+                                member_view(ident, "email", states_of(after, ident)),
+                            )
                     status, body, h = await ask(http, f"{w1.url}/v1/audiences/aud-1/count")
                     if status == 503:
                         assert h["Retry-After"] == "2"

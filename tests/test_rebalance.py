@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from audience_relay.kafkautil import produce_all, topic_size
@@ -32,28 +30,16 @@ from devtools.processes import (
 )
 from devtools.wait import until_async
 from processors.membership import fold
-from processors.split import Context, split_body
 from tests.conftest import make_settings
-from tests.test_processors_e2e import bodies_for
+from tests.test_processors_e2e import bodies_for, split_all
 
 
 def oracle_changes(
     settings: Settings, bodies: list[bytes]
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+) -> tuple[dict[bytes, Any], dict[str, dict[str, Any]]]:
     """The final table and every change a correct run emits, by change id (request ids aside)."""
-    ctx = Context("default", "r", datetime(2026, 1, 1, tzinfo=UTC), settings.match_field)
-    per_user: dict[str, list[dict[str, Any]]] = {}
-    for body in bodies:
-        for e in split_body(body, ctx).events:
-            per_user.setdefault(e["identifier"], []).append(orjson.loads(orjson.dumps(e)))
-    table: dict[str, Any] = {}
-    changes: dict[str, dict[str, Any]] = {}
-    for ident, evs in per_user.items():
-        table[ident], emitted = fold(evs)
-        for c in emitted:
-            if "change_id" in c:
-                changes[c["change_id"]] = _content(c)
-    return table, changes
+    table, emitted = fold(split_all(settings, bodies))
+    return table, {c["change_id"]: _content(c) for c in emitted}
 
 
 def _content(change: dict[str, Any]) -> dict[str, Any]:
@@ -118,11 +104,9 @@ class Outcome:
     logs: Path
 
 
-async def join_and_leave_mid_stream(
-    kafka_bootstrap: str, tmp_path: Path, *, guard: bool = True, timeout: float = 240
-) -> Outcome:
+async def join_and_leave_mid_stream(kafka_bootstrap: str, tmp_path: Path, *, timeout: float = 240) -> Outcome:
     """Run the 1 → 3 → 2 scenario; compare what came out with the oracle (does not assert)."""
-    settings = make_settings(kafka_bootstrap, partitions=6, offset_guard=guard)
+    settings = make_settings(kafka_bootstrap, partitions=6)
     await create_topics(settings)
     names = TopicNames.from_settings(settings)
     pool = bodies_for(range(40_000))
@@ -216,20 +200,13 @@ async def test_workers_join_and_leave_mid_stream(kafka_bootstrap: str, tmp_path:
         assert {p.name for p in tables.rglob("membership-*.db")} == {f"membership-{i}.db" for i in range(6)}
 
 
-def test_standby_replicas_and_guard_reach_faust() -> None:
+def test_standby_replicas_reach_faust() -> None:
     from processors.app import create_app
-    from processors.offsets import GuardedConsumer
 
-    settings = make_settings(
-        "127.0.0.1:1", standby_replicas=2, worker_session_timeout_seconds=12, offset_guard=True
-    )
+    settings = make_settings("127.0.0.1:1", standby_replicas=2, worker_session_timeout_seconds=12)
     app = create_app(settings)
     assert app.conf.table_standby_replicas == 2
     assert app.conf.broker_session_timeout == 12
-    assert app.transport.Consumer is GuardedConsumer
-    assert create_app(make_settings("127.0.0.1:1")).transport.Consumer is GuardedConsumer  # the default
-    plain = create_app(make_settings("127.0.0.1:1", offset_guard=False))
-    assert plain.transport.Consumer is not GuardedConsumer
 
 
 async def _sent_at_least(stream: Stream, target: int) -> bool:

@@ -359,7 +359,7 @@ async def test_whole_pipeline_over_sasl_ssl_scram_sha_512(secured: SecuredBroker
     plan = await relay_cli(settings, "partitions", "plan", "--to", "6", "--quiet")
     outputs.append(plan.stdout + plan.stderr)
     assert plan.returncode == 0, plan.stdout + plan.stderr
-    assert f"keys to move in {names.changelog}:" in plan.stdout and "RELAY_PARTITIONS=6" in plan.stdout
+    assert f"keys to move in {names.membership}:" in plan.stdout and "RELAY_PARTITIONS=6" in plan.stdout
     # Nothing printed or logged the SASL password, not even in base64.
     forms = encoded_forms(secured.password)
     for text in [*outputs, *(p.log.read_text() for p in procs)]:

@@ -19,10 +19,16 @@ from audience_relay.kafkautil import committed_offsets, group_lag, produce_all, 
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from devtools.localkafka import free_port
-from devtools.processes import Component
+from devtools.processes import Component, start_worker
 from devtools.wait import until, until_async
 from processors.membership import fold
-from schemas.records import AnalyticsFieldsEvent, AnalyticsMembershipEvent, DeliveryOutcome, SegmentEvent
+from schemas.records import (
+    AnalyticsFieldsEvent,
+    AnalyticsMembershipEvent,
+    DeliveryOutcome,
+    FieldChange,
+    SegmentEvent,
+)
 from sinks import metrics as sink_metrics
 from sinks.base import Delivered, GiveUp, Item, RetryAfter, idempotency_key, lytics_record
 from sinks.batching import METADATA_BUDGET, Window, decode
@@ -34,7 +40,7 @@ from sinks.replay import replay_dead_letters
 from sinks.resync import resync
 from sinks.run import serve
 from sinks.scrub import excerpt, secret_variants
-from tests.conftest import make_settings
+from tests.conftest import SAMPLES, make_settings, start_ingress
 from tests.fakes import Answer, FakeDestination
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -47,7 +53,7 @@ def lytics_id(n: int) -> str:
 
 def make_changes(users: int, audiences: int = 2) -> list[dict[str, Any]]:
     """Real MembershipChange records, made by the membership function from enter/exit events, with
-    the ``identifiers`` the processors add (the Lytics ID under ``_id`` and the e-mail)."""
+    the ``identifiers`` the processors keep (the Lytics ID under ``_id``; the match field is the key)."""
     out: list[dict[str, Any]] = []
     for n in range(users):
         ident = f"user{n}@example.com"
@@ -65,13 +71,12 @@ def make_changes(users: int, audiences: int = 2) -> list[dict[str, Any]]:
                         "event": kind,
                         "event_time": when,
                         "lytics_user_id": str(n),
+                        "identifiers": {"_id": lytics_id(n)},
                         "source": "default",
                         "request_id": f"r{n}",
                     }
                 )
-        for c in fold(events)[1]:
-            if "change_id" in c:
-                out.append({**c, "identifiers": {"_id": lytics_id(n), "email": ident}})
+        out.extend(fold(events)[1])
     return out
 
 
@@ -467,11 +472,10 @@ async def test_replay_skips_changes_a_newer_change_superseded(kafka_bootstrap: s
     await create_topics(settings)
     topics = TopicNames.from_settings(settings)
     # a enters (refused) then exits (delivered); b enters (refused) and stays.
-    _, out_a = fold(user_events("a@example.com", [("enter", 10), ("exit", 20)]))
-    _, out_b = fold(user_events("b@example.com", [("enter", 10)]))
-    changes = [r for r in out_a + out_b if "change_id" in r]
-    await publish_changes(settings, changes)
-    await publish_states(settings, [r for r in out_a + out_b if "change_id" not in r])
+    states_a, changes_a = fold(user_events("a@example.com", [("enter", 10), ("exit", 20)]))
+    states_b, changes_b = fold(user_events("b@example.com", [("enter", 10)]))
+    await publish_changes(settings, changes_a + changes_b)
+    await publish_states(settings, [*states_a.values(), *states_b.values()])
     sink = Running(settings, "pushly")
 
     async def settled() -> bool:
@@ -848,19 +852,21 @@ async def test_field_changes_reach_analytics_only_as_cloudevents(kafka_bootstrap
     await create_topics(settings)
     topics = TopicNames.from_settings(settings)
     field_changes = [
-        {
-            "schema_version": 1,
-            "change_id": f"fc{n}",
-            "identifier": f"user{n}@example.com",
-            "match_field": "email",
-            "identifiers": {"_id": lytics_id(n), "email": f"user{n}@example.com"},
-            "fields": {"first_name": f"Name{n}", "city": "Portland"},
-            "event_time": "2026-03-01T00:00:05Z",
-            "event_id": f"ev{n}",
-            "lytics_user_id": str(n),
-            "source": "default",
-            "request_id": f"r{n}",
-        }
+        FieldChange(
+            change_id=FieldChange.make_id(f"user{n}@example.com", f"ev{n}"),
+            event_id=f"ev{n}",
+            identifier=f"user{n}@example.com",
+            match_field="email",
+            identifiers={"_id": lytics_id(n)},
+            trigger_id="163bda069207c88cfdb7c84e06b9270f",
+            trigger_slug="first_name_joe",
+            fields={"first_name": f"Name{n}", "city": "Portland"},
+            event_time=T0,
+            event_time_source="meta",
+            lytics_user_id=str(n),
+            source="default",
+            request_id=f"r{n}",
+        ).model_dump(mode="json")
         for n in range(20)
     ]
     await produce_all(
@@ -991,8 +997,9 @@ def member_state(n: int, audience: str, member: bool, second: int) -> dict[str, 
     when = T0 + timedelta(seconds=second)
     kind = "enter" if member else "exit"
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "identifier": ident,
+        "match_field": "email",
         "audience_id": audience,
         "audience_slug": f"slug-{audience[-1]}",
         "member": member,
@@ -1000,7 +1007,8 @@ def member_state(n: int, audience: str, member: bool, second: int) -> dict[str, 
         "exited_at": None if member else when.isoformat(),
         "updated_at": when.isoformat(),
         "event_id": SegmentEvent.make_id(ident, audience, kind, when),
-        "identifiers": {"_id": lytics_id(n), "email": ident},
+        "identifiers": {"_id": lytics_id(n)},
+        "identifiers_at": {"_id": when.isoformat()},
     }
 
 
@@ -1070,3 +1078,53 @@ async def test_resync_of_100000_members_resumes_after_a_kill_and_repeats_with_th
     )
     await pushly.stop()
     await odp.stop()
+
+
+@pytest.mark.timeout(600)
+async def test_through_ingress_and_worker_odp_gets_the_lytics_id_and_pushly_the_email(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Issue 14's first point end to end: a Lytics record exporting "Lytics ID" (``_id``) and the
+    e-mail goes through the real ingress and worker; ODP is sent the Lytics ID under ``_id``, Pushly
+    the e-mail, and a record without ``_id`` reaches Pushly but is dead-lettered for ODP."""
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    settings = sink_settings(kafka_bootstrap, pushly, odp, ingress_api_keys=["key-current"])
+    await create_topics(settings)
+    topics = TopicNames.from_settings(settings)
+    body = orjson.loads((SAMPLES / "default-format-enter.json").read_bytes())
+    with_id = {**body, "data": {**body["data"], "_id": "4f1b2c3d4e5f"}}
+    without = {**body, "data": {**body["data"], "email": "other@example.com"}}
+    ingress = await start_ingress(settings)
+    worker = start_worker(settings, tmp_path)
+    sinks = [Running(settings, name) for name in ("pushly", "odp")]
+    try:
+        async with (
+            aiohttp.ClientSession(headers={"X-API-KEY": "key-current"}) as http,
+            http.post(ingress.url + "/v1/lytics", data=orjson.dumps([with_id, without])) as resp,
+        ):
+            assert resp.status == 200
+        await until(lambda: len(pushly.delivered()) == 2, 120, "both changes at pushly")
+
+        async def odp_done() -> bool:
+            dead = await read_topic(kafka_bootstrap, topics.dead_letter)
+            return len(ids(odp.delivered())) == 1 and any(dict(r.headers).get("sink") == b"odp" for r in dead)
+
+        await until_async(odp_done, 120, "one change at odp, one dead-lettered for it")
+    finally:
+        for s in sinks:
+            await s.close()
+        worker.stop()
+        await ingress.runner.cleanup()
+        await pushly.stop()
+        await odp.stop()
+    assert sorted(r.body["data"]["email"] for r in pushly.delivered()) == [
+        "other@example.com",
+        "user@example.com",
+    ]
+    [record] = ids(odp.delivered())
+    assert record["data"]["_id"] == "4f1b2c3d4e5f" and "email" not in record["data"]
+    [dead] = [
+        r for r in await read_topic(kafka_bootstrap, topics.dead_letter) if dict(r.headers)["sink"] == b"odp"
+    ]
+    assert orjson.loads(dead.value)["identifier"] == "other@example.com"
+    assert dict(dead.headers)["reason-code"] == b"unknown_identifier"

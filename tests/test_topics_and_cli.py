@@ -37,7 +37,6 @@ async def test_topics_create_makes_every_topic_with_its_configs(kafka_bootstrap:
         names.analytics,
         names.field_changes,
         names.deliveries,
-        names.changelog,
     }
     assert all(r.created and r.partitions == 5 for r in first)
     again = await create_topics(settings)  # idempotent
@@ -47,7 +46,7 @@ async def test_topics_create_makes_every_topic_with_its_configs(kafka_bootstrap:
     assert raw["retention.ms"] == str(48 * 3_600_000)
     assert int(raw["max.message.bytes"]) > settings.max_body_bytes
     assert (await _configs(kafka_bootstrap, names.membership))["cleanup.policy"] == "compact"
-    assert (await _configs(kafka_bootstrap, names.changelog))["cleanup.policy"] == "compact"
+    assert (await _configs(kafka_bootstrap, names.field_changes))["cleanup.policy"] == "delete"
     assert (await _configs(kafka_bootstrap, names.deliveries))["cleanup.policy"] == "compact"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 import orjson
 import pytest
@@ -144,20 +143,6 @@ def test_arbitrary_bytes_never_raise(data: bytes) -> None:
 )
 def test_text_that_is_not_an_object_or_array_is_refused(text: str) -> None:
     assert body_problem(text.encode()) is not None
-
-
-def test_local_table_copy_is_kept_only_after_a_clean_shutdown(tmp_path: Path) -> None:
-    from processors.worker import CLEAN_MARKER, prepare_data_dir
-
-    data = tmp_path / "app"
-    assert prepare_data_dir(data) is False and data.is_dir()  # first start
-    (data / "table.db").write_text("state")
-    assert prepare_data_dir(data) is False  # no marker: a crash; the copy is dropped
-    assert not (data / "table.db").exists()
-    (data / "table.db").write_text("state")
-    (data / CLEAN_MARKER).touch()
-    assert prepare_data_dir(data) is True  # clean shutdown: kept, marker consumed
-    assert (data / "table.db").exists() and not (data / CLEAN_MARKER).exists()
 
 
 # --- the connection guard's head meter (ingress/guard.py) --------------------------------------------
