@@ -116,20 +116,42 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     from sinks.destinations import build
     from sinks.run import run_sink, sink_web_port
 
-    build(args.name, settings)  # a destination without its URL or secret stops here (78)
+    spec = build(args.name, settings)  # a destination without its URL or secret stops here (78)
     settings = settings.model_copy(update={"sink_web_port": sink_web_port(settings, args.name)})
-    _kafka_ready(settings, [Names.from_settings(settings).topics.membership_changes])
+    names = Names.from_settings(settings)
+    # What it reads, and what it writes beside the destination (dead letters, the delivery log).
+    _kafka_ready(settings, [*spec.topics, names.topics.dead_letter, names.topics.deliveries])
     run_sink(settings, args.name)
     return 0
 
 
+def cmd_sink_resync(args: argparse.Namespace, settings: Settings) -> int:
+    from sinks.resync import resync
+
+    names = Names.from_settings(settings)
+    _kafka_ready(settings, [names.topics.membership, names.topics.deliveries, names.topics.dead_letter])
+    report = asyncio.run(
+        resync(settings, args.name, args.audience, restart=args.restart, progress=not args.quiet)
+    )
+    print(
+        f"resync to {args.name}{' (resumed)' if report.resumed else ''}: {report.members} members, "
+        f"{report.delivered} delivered, {report.already_sent} sent by the interrupted run before, "
+        f"{report.filtered} filtered, {report.dead_lettered + report.unknown_identifier} dead-lettered "
+        f"({report.unknown_identifier} without the identifier to send)"
+    )
+    return ExitCode.OK
+
+
 def cmd_dead_letter_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from sinks.run import replay_dead_letters
+    from sinks.replay import replay_dead_letters
 
     _kafka_ready(settings, [Names.from_settings(settings).topics.dead_letter])
-    delivered, refused = asyncio.run(replay_dead_letters(settings, args.sink, progress=not args.quiet))
-    print(f"replayed to {args.sink}: {delivered} delivered, {refused} still refused")
-    return ExitCode.OK if refused == 0 else ExitCode.RECORDS_REFUSED
+    report = asyncio.run(replay_dead_letters(settings, args.sink, progress=not args.quiet))
+    print(
+        f"replayed to {args.sink}: {report.delivered} delivered, {report.refused} still refused "
+        f"(dead-lettered again, replayable), {report.superseded} superseded (skipped)"
+    )
+    return ExitCode.OK if report.refused == 0 else ExitCode.RECORDS_REFUSED
 
 
 def cmd_schemas_export(args: argparse.Namespace, settings: None) -> int:
@@ -229,9 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run the processors (split + membership); scale by adding workers")
     p.set_defaults(func=cmd_worker, settings=Settings)
 
-    p = sub.add_parser("sink", help="deliver membership changes to one destination (own consumer group)")
+    sink = sub.add_parser(
+        "sink", help="deliver membership changes to one destination (own consumer group), or resync it"
+    ).add_subparsers(dest="sink_action", required=True)
+    for name in SINKS:
+        p = sink.add_parser(name, help=f"deliver changes to {name} until SIGTERM")
+        p.set_defaults(func=cmd_sink, name=name, settings=Settings)
+    p = sink.add_parser(
+        "resync", help="send the current members (compacted membership topic) to one destination"
+    )
     p.add_argument("name", choices=SINKS)
-    p.set_defaults(func=cmd_sink, settings=Settings)
+    p.add_argument(
+        "--audience",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="an audience id or slug (glob) to resync; repeat for more; default: every audience",
+    )
+    p.add_argument("--restart", action="store_true", help="start a new run even if one is unfinished")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sink_resync, settings=Settings)
 
     dead = sub.add_parser("dead-letter", help="dead-letter tools").add_subparsers(
         dest="action", required=True

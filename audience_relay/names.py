@@ -2,7 +2,8 @@
 
 - ``SINKS``: the destinations a sink process can run (the CLI's choices, the consumer groups, ``up``);
 - ``TopicNames``: every topic;
-- ``GroupNames``: every consumer group (the workers' three, one per sink, one per replay);
+- ``GroupNames``: every consumer group (the workers' three, one per sink, one per replay, one per
+  resync);
 - ``Names``: both, from the settings.
 
 Nothing here does I/O; the settings are imported for type hints only, so ``settings.py`` can use
@@ -44,6 +45,8 @@ class TopicNames:
     field_changes: str
     #: The compacted record of the last partition move (``audience-relay partitions apply``).
     partition_moves: str
+    #: Last delivery outcome per identifier, audience and destination (compacted; sinks/deliver.py).
+    deliveries: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TopicNames:
@@ -58,6 +61,7 @@ class TopicNames:
             analytics=settings.analytics_topic or f"{p}.analytics",
             field_changes=f"{p}.field-changes",
             partition_moves=f"{p}.partitions",
+            deliveries=f"{p}.deliveries",
         )
 
 
@@ -77,6 +81,8 @@ class GroupNames:
     sinks: dict[str, str]
     #: ``<prefix>.dead-letter-replay.<name>``: where ``dead-letter replay`` remembers its position.
     replays: dict[str, str]
+    #: ``<prefix>.resync.<name>``: where ``sink resync`` keeps a run's progress.
+    resyncs: dict[str, str]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GroupNames:
@@ -88,6 +94,7 @@ class GroupNames:
             membership=f"{p}-processors-membership",
             sinks={name: f"{p}.sink.{name}" for name in SINKS},
             replays={name: f"{p}.dead-letter-replay.{name}" for name in SINKS},
+            resyncs={name: f"{p}.resync.{name}" for name in SINKS},
         )
 
     def sink(self, name: str) -> str:
@@ -97,6 +104,10 @@ class GroupNames:
     def replay(self, name: str) -> str:
         """The consumer group ``dead-letter replay --sink name`` commits to."""
         return self.replays[name]
+
+    def resync(self, name: str) -> str:
+        """The consumer group ``sink resync name`` commits its progress to."""
+        return self.resyncs[name]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from audience_relay.names import SINK_WEB_PORTS
 
 MiB = 1024 * 1024
+#: How a destination's identifier is sent: as it is, or the SHA-256 of its normalized value (hex).
+IdentifierHash = Literal["none", "sha256"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
@@ -317,6 +319,25 @@ class Settings(LocalSettings):
     pushly_concurrency: int = Field(
         5, ge=1, validation_alias=AliasChoices("PUSHLY_CONCURRENCY", "pushly_concurrency")
     )
+    #: Which identifier Pushly gets (a field of the change's ``identifiers``); empty: RELAY_MATCH_FIELD.
+    pushly_identifier_source: str | None = Field(
+        None, validation_alias=AliasChoices("PUSHLY_IDENTIFIER_SOURCE", "pushly_identifier_source")
+    )
+    #: The field name it is sent under in ``data``; empty: the source field's own name.
+    pushly_identifier_field: str | None = Field(
+        None, validation_alias=AliasChoices("PUSHLY_IDENTIFIER_FIELD", "pushly_identifier_field")
+    )
+    pushly_identifier_hash: IdentifierHash = Field(
+        "none", validation_alias=AliasChoices("PUSHLY_IDENTIFIER_HASH", "pushly_identifier_hash")
+    )
+    pushly_audiences_include: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("PUSHLY_AUDIENCES_INCLUDE", "pushly_audiences_include"),
+    )
+    pushly_audiences_exclude: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("PUSHLY_AUDIENCES_EXCLUDE", "pushly_audiences_exclude"),
+    )
     odp_webhook_url: str | None = Field(
         None, validation_alias=AliasChoices("ODP_WEBHOOK_URL", "odp_webhook_url")
     )
@@ -329,6 +350,20 @@ class Settings(LocalSettings):
     odp_identifier_field: str = Field(
         "_id", min_length=1, validation_alias=AliasChoices("ODP_IDENTIFIER_FIELD", "odp_identifier_field")
     )
+    #: Which identifier ODP gets: ``_id``, the Lytics ID (Lytics exports it as ``_id`` when "Lytics ID"
+    #: is an Export Field), unless ODP's "customer profile identifier field name" says otherwise.
+    odp_identifier_source: str = Field(
+        "_id", min_length=1, validation_alias=AliasChoices("ODP_IDENTIFIER_SOURCE", "odp_identifier_source")
+    )
+    odp_identifier_hash: IdentifierHash = Field(
+        "none", validation_alias=AliasChoices("ODP_IDENTIFIER_HASH", "odp_identifier_hash")
+    )
+    odp_audiences_include: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("ODP_AUDIENCES_INCLUDE", "odp_audiences_include")
+    )
+    odp_audiences_exclude: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("ODP_AUDIENCES_EXCLUDE", "odp_audiences_exclude")
+    )
     odp_batch_size: int = Field(300, ge=1, validation_alias=AliasChoices("ODP_BATCH_SIZE", "odp_batch_size"))
     odp_flush_seconds: float = Field(
         3.0, gt=0, validation_alias=AliasChoices("ODP_FLUSH_SECONDS", "odp_flush_seconds")
@@ -338,6 +373,30 @@ class Settings(LocalSettings):
     )
     analytics_topic: str | None = Field(
         None, validation_alias=AliasChoices("RELAY_ANALYTICS_TOPIC", "analytics_topic")
+    )
+    analytics_batch_size: int = Field(
+        500, ge=1, validation_alias=AliasChoices("ANALYTICS_BATCH_SIZE", "analytics_batch_size")
+    )
+    analytics_flush_seconds: float = Field(
+        0.2, gt=0, validation_alias=AliasChoices("ANALYTICS_FLUSH_SECONDS", "analytics_flush_seconds")
+    )
+    analytics_concurrency: int = Field(
+        8, ge=1, validation_alias=AliasChoices("ANALYTICS_CONCURRENCY", "analytics_concurrency")
+    )
+    #: Which identifier the analytics events carry; empty: RELAY_MATCH_FIELD.
+    analytics_identifier_source: str | None = Field(
+        None, validation_alias=AliasChoices("ANALYTICS_IDENTIFIER_SOURCE", "analytics_identifier_source")
+    )
+    analytics_identifier_hash: IdentifierHash = Field(
+        "none", validation_alias=AliasChoices("ANALYTICS_IDENTIFIER_HASH", "analytics_identifier_hash")
+    )
+    analytics_audiences_include: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("ANALYTICS_AUDIENCES_INCLUDE", "analytics_audiences_include"),
+    )
+    analytics_audiences_exclude: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("ANALYTICS_AUDIENCES_EXCLUDE", "analytics_audiences_exclude"),
     )
     #: Unset: each sink its own default (``names.SINK_WEB_PORTS``: pushly 9108, odp 9109, analytics 9110).
     sink_web_port: int | None = Field(
@@ -354,6 +413,12 @@ class Settings(LocalSettings):
         60.0,
         gt=0,
         validation_alias=AliasChoices("RELAY_SINK_MAX_BACKOFF_SECONDS", "sink_max_backoff_seconds"),
+    )
+    #: The least time before any retry of a batch, whatever Retry-After (0, a past date) or jitter says.
+    sink_min_retry_seconds: float = Field(
+        1.0,
+        gt=0,
+        validation_alias=AliasChoices("RELAY_SINK_MIN_RETRY_SECONDS", "sink_min_retry_seconds"),
     )
 
     # --- Operations -------------------------------------------------------------------------
@@ -378,10 +443,26 @@ class Settings(LocalSettings):
     def _identifier_fields(cls, value: Any) -> Any:
         return _split_csv(value)
 
-    @field_validator("sink_do_not_retry", mode="before")
+    @field_validator(
+        "sink_do_not_retry",
+        "pushly_audiences_include",
+        "pushly_audiences_exclude",
+        "odp_audiences_include",
+        "odp_audiences_exclude",
+        "analytics_audiences_include",
+        "analytics_audiences_exclude",
+        mode="before",
+    )
     @classmethod
-    def _statuses_from_csv(cls, value: Any) -> Any:
+    def _lists_from_csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator(
+        "pushly_identifier_source", "pushly_identifier_field", "analytics_identifier_source", mode="before"
+    )
+    @classmethod
+    def _empty_is_default(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("oauth_clients", mode="before")
     @classmethod

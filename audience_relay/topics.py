@@ -77,6 +77,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(names.membership, n, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
         TopicSpec(names.field_changes, n, {"cleanup.policy": "delete"}),
         TopicSpec(names.analytics, n, {"cleanup.policy": "delete"}, follows_partitions=False),
+        # One record per (identifier, audience, destination): compaction keeps the last outcome.
+        # Partitioned by the identifier, so a worker holds the outcomes of the users it holds.
+        TopicSpec(names.deliveries, n, {"cleanup.policy": "compact"}),
     ]
     return [
         TopicSpec(s.name, s.partitions, {**s.config, **replicas}, s.follows_partitions) for s in specs

@@ -2,10 +2,22 @@
 
 N users x M audiences are posted as 300-user batches by 20 concurrent clients to the ingress; one
 worker and the three sinks deliver to local fake Pushly/ODP servers and the analytics topic. Shows
-progress, then prints end-to-end memberships/s, time to drain, deliveries per destination,
-duplicates and losses.
+progress, then prints end-to-end memberships/s, time to drain, and per destination its batch size,
+when it had everything, its changes/s, duplicates and losses.
 
-    python -m bench.backfill [--users 250000] [--audiences 4] [--clients 20] [--pushly-batch 300]
+Pushly runs at its default batch size (PUSHLY_BATCH_SIZE, 1: one request per change) unless
+``--pushly-batch`` says otherwise; the figure printed says which. The fake ODP answers each request
+after ``--odp-latency-ms`` (50), like a real one, so the time ODP takes shows what its 20 calls at
+once achieve. Every user carries a Lytics ID (``_id``), which ODP is sent by default; with
+processors that do not yet keep identifiers, pass ``--odp-identifier-source email``.
+
+With ``--sinks-only`` the changes are written straight into ``membership-changes`` (the records the
+worker would make, identifiers included) and only the sinks run: it measures the sinks themselves;
+``--destinations odp`` limits the run to some of them.
+
+    python -m bench.backfill [--users 250000] [--audiences 4] [--clients 20] [--pushly-batch N]
+                             [--odp-latency-ms 50] [--odp-identifier-source FIELD]
+                             [--sinks-only] [--destinations pushly,odp,analytics]
 """
 
 from __future__ import annotations
@@ -20,30 +32,50 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiohttp import web
 
-from audience_relay.kafkautil import topic_size
+from audience_relay.kafkautil import produce_all, topic_size
 from audience_relay.names import SINKS
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
 from bench.common import IngressProcess, arguments, bench_settings, broker, http_post_loop
 from devtools.localkafka import free_port
 from devtools.up import LocalReceiver
+from schemas.records import MembershipChange, content_id
 
 KEY = "bench-key"
 STAMP = "2026-11-01T10:00:00.000000000Z"
 
 
 class Receiver(LocalReceiver):
-    """A local destination that counts records and distinct memberships instead of printing them."""
+    """A local destination that counts records and distinct memberships instead of printing them,
+    answering each request after ``latency`` seconds."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, latency: float = 0.0) -> None:
         super().__init__(name, self._count)
+        self.latency = latency
         self.records = 0
         self.memberships: set[tuple[str, str]] = set()
+        self.first_at: float | None = None
+        self.last_at: float | None = None
 
     def _count(self, destination: str, identifier: str, segment_event: dict[str, Any]) -> None:
         self.records += 1
         self.memberships.add((identifier, segment_event["id"]))
+        self.last_at = time.monotonic()
+        if self.first_at is None:
+            self.first_at = self.last_at
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if self.latency:
+            await asyncio.sleep(self.latency)  # the destination's own answer time
+        return await super()._handle(request)
+
+    def own_rate(self) -> str:
+        """Records per second from the first record received to the last (the sink's own pace)."""
+        if self.first_at is None or self.last_at is None or self.last_at <= self.first_at:
+            return "n/a"
+        return f"{self.records / (self.last_at - self.first_at):,.0f}/s from its first record to its last"
 
 
 def batches(users: int, audiences: int, per_body: int) -> list[bytes]:
@@ -55,6 +87,7 @@ def batches(users: int, audiences: int, per_body: int) -> list[bytes]:
                 {
                     "id": str(n),
                     "data": {
+                        "_id": f"4f1b{n:012x}",
                         "email": f"user{n}@example.com",
                         "segment_events": [
                             {"id": f"aud{a:04d}", "event": "enter", "slug": f"audience_{a}", "enter": STAMP}
@@ -92,6 +125,43 @@ async def post_all(port: int, bodies: list[bytes], clients: int) -> dict[int, in
     return statuses
 
 
+async def preload_changes(settings: Settings, users: int, audiences: int) -> None:
+    """The enter changes the worker would emit for the backfill, written straight to the topic."""
+    topic = TopicNames.from_settings(settings).membership_changes
+    chunk: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
+    for n in range(users):
+        ident = f"user{n}@example.com"
+        for a in range(audiences):
+            audience = f"aud{a:04d}"
+            event_id = content_id(ident, audience, "enter", STAMP)
+            change_id = MembershipChange.make_id(ident, audience, "entered", event_id)
+            change = {
+                "schema_version": 1,
+                "change_id": change_id,
+                "identifier": ident,
+                "match_field": "email",
+                "identifiers": {"_id": f"4f1b{n:012x}", "email": ident},
+                "audience_id": audience,
+                "audience_slug": f"audience_{a}",
+                "change": "entered",
+                "member": True,
+                "event_time": STAMP,
+                "entered_at": STAMP,
+                "exited_at": None,
+                "seconds_in_audience": None,
+                "event_id": event_id,
+                "lytics_user_id": str(n),
+                "source": "default",
+                "request_id": "bench",
+            }
+            chunk.append((ident.encode(), orjson.dumps(change), [("change-id", change_id.encode())]))
+            if len(chunk) >= 50_000:
+                await produce_all(settings, topic, chunk)
+                chunk = []
+    if chunk:
+        await produce_all(settings, topic, chunk)
+
+
 def spawn(settings: Settings, args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "audience_relay.cli", *args],
@@ -111,15 +181,28 @@ async def main() -> None:
     parser.add_argument(
         "--pushly-batch",
         type=int,
-        default=300,
-        help="Pushly's batch size (1 = one request per change, its default)",
+        default=None,
+        help="Pushly's batch size (default: PUSHLY_BATCH_SIZE's default, 1 = one request per change)",
     )
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--odp-latency-ms", type=float, default=50.0, help="the fake ODP's answer time")
+    parser.add_argument(
+        "--odp-identifier-source",
+        default=None,
+        help="ODP_IDENTIFIER_SOURCE (default: its default, _id, the Lytics ID)",
+    )
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument(
+        "--sinks-only",
+        action="store_true",
+        help="write the changes straight into membership-changes and run only the sinks",
+    )
+    parser.add_argument("--destinations", default=",".join(SINKS), help="the sinks to run (comma-separated)")
     args = parser.parse_args()
     expected = args.users * args.audiences
+    chosen = [d.strip() for d in args.destinations.split(",") if d.strip()]
 
-    pushly, odp = Receiver("pushly"), Receiver("odp")
+    pushly, odp = Receiver("pushly"), Receiver("odp", args.odp_latency_ms / 1000)
     await pushly.start()
     await odp.start()
     with broker() as (bootstrap, _):
@@ -129,43 +212,68 @@ async def main() -> None:
             ingress_api_keys=[KEY],
             pushly_webhook_url=pushly.url,
             pushly_api_key="bench",
-            pushly_batch_size=args.pushly_batch,
+            **({"pushly_batch_size": args.pushly_batch} if args.pushly_batch else {}),
             odp_webhook_url=odp.url,
             odp_auth_token="bench",
+            **({"odp_identifier_source": args.odp_identifier_source} if args.odp_identifier_source else {}),
         )
         names = TopicNames.from_settings(settings)
         await create_topics(settings)
         work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
-        procs = [
-            spawn(
-                settings,
-                ["worker"],
-                work / "worker.log",
-                RELAY_WORKER_DATA_DIR=str(work / "worker"),
-                RELAY_WORKER_WEB_PORT=str(free_port()),
-            )
-        ]
-        procs += [
-            spawn(settings, ["sink", s], work / f"sink-{s}.log", RELAY_SINK_WEB_PORT=str(free_port()))
-            for s in SINKS
-        ]
-        ingress = IngressProcess(bootstrap, settings.topic_prefix, KEY)
-        bodies = batches(args.users, args.audiences, args.batch)
-        print(
-            f"backfill: {args.users:,} users x {args.audiences} audiences = {expected:,} memberships in "
-            f"{len(bodies):,} bodies of {args.batch} users; logs in {work}",
-            flush=True,
-        )
-        started = time.monotonic()
-        posting = asyncio.create_task(post_all(ingress.port, bodies, args.clients))
+        procs: list[subprocess.Popen[bytes]] = []
+        ingress: IngressProcess | None = None
+        bodies: list[bytes] = []
+        posting: asyncio.Task[dict[int, int]] | None = None
         posted_at = None
         analytics = 0
+        complete_at: dict[str, float] = {}
+        tick = 0
+        started = time.monotonic()
         try:
+            if args.sinks_only:
+                loading = time.monotonic()
+                await preload_changes(settings, args.users, args.audiences)
+                print(f"  {expected:,} changes written in {time.monotonic() - loading:.1f} s", flush=True)
+            else:
+                procs.append(
+                    spawn(
+                        settings,
+                        ["worker"],
+                        work / "worker.log",
+                        RELAY_WORKER_DATA_DIR=str(work / "worker"),
+                        RELAY_WORKER_WEB_PORT=str(free_port()),
+                    )
+                )
+                ingress = IngressProcess(bootstrap, settings.topic_prefix, KEY)
+                bodies = batches(args.users, args.audiences, args.batch)
+            procs += [
+                spawn(settings, ["sink", s], work / f"sink-{s}.log", RELAY_SINK_WEB_PORT=str(free_port()))
+                for s in chosen
+            ]
+            default_batch = Settings.model_fields["pushly_batch_size"].default
+            how = (
+                "written to membership-changes, sinks only"
+                if args.sinks_only
+                else (f"in {len(bodies):,} bodies of {args.batch} users")
+            )
+            print(
+                f"backfill: {args.users:,} users x {args.audiences} audiences = {expected:,} memberships "
+                f"{how}; {args.partitions} partitions; sinks {', '.join(chosen)}; pushly batch "
+                f"size {settings.pushly_batch_size}"
+                f"{' (its default)' if settings.pushly_batch_size == default_batch else ''}, concurrency "
+                f"{settings.pushly_concurrency}; odp batch size {settings.odp_batch_size}, concurrency "
+                f"{settings.odp_concurrency}, answers after {args.odp_latency_ms:.0f} ms, identifier "
+                f"{settings.odp_identifier_source}; logs in {work}",
+                flush=True,
+            )
+            started = time.monotonic()
+            posting = asyncio.create_task(post_all(ingress.port, bodies, args.clients)) if ingress else None
             while True:
-                await asyncio.sleep(5)  # progress report cadence
+                await asyncio.sleep(1)  # completion check cadence (a progress line every 5 s)
+                tick += 1
                 for p in procs:
                     assert p.poll() is None, f"a component died; see {work}"
-                if posting.done() and posted_at is None:
+                if posting is not None and posting.done() and posted_at is None:
                     posted_at = time.monotonic() - started
                     print(
                         f"  all bodies stored after {posted_at:.1f} s; answers {posting.result()}", flush=True
@@ -173,20 +281,29 @@ async def main() -> None:
                 analytics = await topic_size(bootstrap, names.analytics)
                 elapsed = time.monotonic() - started
                 changes = await topic_size(bootstrap, names.membership_changes)
-                print(
-                    f"  {elapsed:6.1f} s  changes {changes:>9,}  "
-                    f"pushly {len(pushly.memberships):>9,}  odp {len(odp.memberships):>9,}  "
-                    f"analytics {analytics:>9,}  / {expected:,}",
-                    flush=True,
-                )
-                if min(len(pushly.memberships), len(odp.memberships), analytics) >= expected:
+                if tick % 5 == 0:
+                    print(
+                        f"  {elapsed:6.1f} s  changes {changes:>9,}  "
+                        f"pushly {len(pushly.memberships):>9,}  odp {len(odp.memberships):>9,}  "
+                        f"analytics {analytics:>9,}  / {expected:,}",
+                        flush=True,
+                    )
+                for name, count in (
+                    ("pushly", len(pushly.memberships)),
+                    ("odp", len(odp.memberships)),
+                    ("analytics", analytics),
+                ):
+                    if count >= expected and name in chosen:
+                        complete_at.setdefault(name, elapsed)
+                if len(complete_at) == len(chosen):
                     break
                 if elapsed > args.timeout:
                     print("  timed out", flush=True)
                     break
             drained = time.monotonic() - started
         finally:
-            ingress.stop()
+            if ingress is not None:
+                ingress.stop()
             for p in procs:
                 p.terminate()
             for p in procs:
@@ -196,15 +313,21 @@ async def main() -> None:
             f"({args.users / drained:,.0f} users/s); bodies stored in {posted_at or float('nan'):.1f} s"
         )
         for r in (pushly, odp):
+            if r.name not in chosen:
+                continue
+            done_at = complete_at.get(r.name)
+            rate = f"{expected / done_at:,.0f} changes/s" if done_at else "not complete"
             print(
-                f"  {r.name}: {r.requests:,} requests, {r.records:,} records, "
+                f"  {r.name}: everything after {done_at or float('nan'):.1f} s ({rate}, progress checked "
+                f"every second; {r.own_rate()}), {r.requests:,} requests, {r.records:,} records, "
                 f"{len(r.memberships):,} distinct, "
                 f"duplicates {r.records - len(r.memberships):,}, lost {expected - len(r.memberships):,}"
             )
-        print(
-            f"  analytics: {analytics:,} records, lost {max(0, expected - analytics):,} "
-            f"(duplicates {max(0, analytics - expected):,})"
-        )
+        if "analytics" in chosen:
+            print(
+                f"  analytics: {analytics:,} records, lost {max(0, expected - analytics):,} "
+                f"(duplicates {max(0, analytics - expected):,})"
+            )
     await pushly.stop()
     await odp.stop()
 

@@ -168,7 +168,14 @@ async def _run(settings: Settings, samples_dir: Path, keep_running: bool) -> int
     ):
         if not getattr(settings, url_field):
             receivers.append(LocalReceiver(name))
-            update = {url_field: receivers[-1].url, secret_field: SecretStr(secrets.token_urlsafe(16))}
+            update: dict[str, object] = {
+                url_field: receivers[-1].url,
+                secret_field: SecretStr(secrets.token_urlsafe(16)),
+            }
+            if name == "odp" and "odp_identifier_source" not in settings.model_fields_set:
+                # The sample payloads export no Lytics ID (_id), ODP's default identifier: the local
+                # receiver is sent the match field instead, so the demo shows ODP's records.
+                update["odp_identifier_source"] = settings.match_field
             settings = settings.model_copy(update=update)
     for receiver in receivers:
         await receiver.start()

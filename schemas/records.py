@@ -31,6 +31,9 @@ from schemas.v1 import content_id
 
 __all__ = [
     "PUBLISHED",
+    "AnalyticsFieldsEvent",
+    "AnalyticsMembershipEvent",
+    "DeliveryOutcome",
     "FieldChange",
     "MembershipChange",
     "MembershipState",
@@ -176,6 +179,110 @@ class MembershipChange(_Record):
         return content_id("change", identifier, audience_id, change, event_id)
 
 
+DeliveryOutcomeKind = Literal["delivered", "dead_lettered", "filtered", "unknown_identifier", "superseded"]
+
+
+class DeliveryOutcome(_Record):
+    """What a sink did with one change for one destination (``<prefix>.deliveries``, compacted).
+
+    One record per change and destination (not per batch), keyed ``identifier`` + ``\\x1f`` +
+    ``audience_id`` + ``\\x1f`` + ``destination`` (UTF-8), so compaction keeps the last outcome of
+    each user, audience and destination. ``audience_id`` is empty for a field-change event.
+    """
+
+    schema_version: Literal[1] = 1
+    destination: str = Field(description="The sink: pushly, odp or analytics.")
+    identifier: str = Field(description="The matching identifier (the key of state and topics).")
+    audience_id: str = Field(description="Lytics audience id; empty for a field-change event.")
+    audience_slug: str | None = None
+    change_id: str
+    change: Literal["entered", "exited", "fields_changed"]
+    event_time: datetime | None = Field(None, description="When the change happened (its event time).")
+    outcome: DeliveryOutcomeKind = Field(
+        description=(
+            "delivered: the destination accepted it; dead_lettered: it refused it (do-not-retry status), "
+            "the change is in the dead-letter topic; filtered: the destination's audience lists exclude "
+            "it, never sent; unknown_identifier: the change lacks the identifier the destination is "
+            "configured to send, dead-lettered; superseded: a dead-letter replay skipped it because a "
+            "newer change of the same identifier and audience exists."
+        )
+    )
+    origin: Literal["stream", "replay", "resync"] = Field(
+        description="stream: membership-changes; replay: a dead-letter replay; resync: a resync."
+    )
+    at: datetime = Field(description="When the outcome was decided.")
+    status: int | None = Field(
+        None, description="HTTP status of the answer that decided it; null without an HTTP answer."
+    )
+    attempts: int = Field(
+        description="Requests that carried this change (retries and batch splits included); 0 if never sent."
+    )
+    idempotency_key: str | None = Field(None, description="Idempotency-Key of the deciding request.")
+    reason: str | None = Field(None, description="Why it was not delivered (secrets scrubbed).")
+    response_excerpt: str | None = Field(
+        None, description="First 500 characters of a refusing answer (secrets scrubbed)."
+    )
+
+    @staticmethod
+    def key(identifier: str, audience_id: str, destination: str) -> bytes:
+        return f"{identifier}\x1f{audience_id}\x1f{destination}".encode()
+
+
+class _IdentifierData(_Record):
+    identifier: str | list[str] = Field(
+        description=(
+            "The identifier the analytics sink sends (ANALYTICS_IDENTIFIER_SOURCE, default the matching "
+            "identifier); lower-case hex SHA-256 of the normalized value when identifier_hash is sha256."
+        )
+    )
+    identifier_field: str = Field(description="The field the identifier came from.")
+    identifier_hash: Literal["sha256"] | None = None
+    match_field: str = Field(description="The field of the matching identifier that keys state.")
+    lytics_user_id: str | None = None
+
+
+class MembershipEventData(_IdentifierData):
+    audience_id: str
+    audience_slug: str | None = None
+    member: bool
+    entered_at: datetime | None = None
+    exited_at: datetime | None = None
+    seconds_in_audience: float | None = Field(
+        None, description="On exit: exit time minus the newest enter time."
+    )
+
+
+class AnalyticsMembershipEvent(_Record):
+    """A membership change on the analytics topic: CloudEvents 1.0 JSON, keyed by ``subject``."""
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str = Field(description="The change id (deterministic: drop repeats by it).")
+    source: str = Field(description="/audience-relay/<RELAY_TOPIC_PREFIX>")
+    type: Literal["com.audience-relay.membership.entered", "com.audience-relay.membership.exited"]
+    subject: str = Field(description="The identifier sent (data.identifier; the first one if several).")
+    time: datetime = Field(description="The change's event time.")
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: MembershipEventData
+
+
+class FieldsChangedData(_IdentifierData):
+    fields: dict[str, Any] = Field(description="The user fields the field-change event carried.")
+    event_id: str
+
+
+class AnalyticsFieldsEvent(_Record):
+    """A field-change event on the analytics topic: CloudEvents 1.0 JSON, keyed by ``subject``."""
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str = Field(description="The field change's change id.")
+    source: str = Field(description="/audience-relay/<RELAY_TOPIC_PREFIX>")
+    type: Literal["com.audience-relay.fields.changed"] = "com.audience-relay.fields.changed"
+    subject: str
+    time: datetime
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: FieldsChangedData
+
+
 def _published() -> dict[str, type[BaseModel]]:
     from schemas import v1
 
@@ -186,6 +293,9 @@ def _published() -> dict[str, type[BaseModel]]:
         "field-change.v1": FieldChange,
         "membership-state.v2": MembershipState,
         "membership-change.v2": MembershipChange,
+        "delivery-outcome.v1": DeliveryOutcome,
+        "analytics-membership-event.v1": AnalyticsMembershipEvent,
+        "analytics-fields-event.v1": AnalyticsFieldsEvent,
     }
 
 

@@ -1,7 +1,9 @@
 """The one small interface every destination implements, and the results it may return.
 
-A destination only turns a batch of membership changes into one delivery attempt and says how it
-went. Batching, concurrency, retries, backoff, pausing and dead-lettering live in ``sinks.engine``.
+A destination only turns a batch of changes into one delivery attempt and says how it went.
+Batching, concurrency and commits live in ``sinks.engine``; retries, backoff, splitting refused
+batches, dead-lettering and the delivery log in ``sinks.deliver``; the per-destination choices
+(identifier, audiences) in ``sinks.policy``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ Change = dict[str, Any]
 
 @dataclass(frozen=True)
 class Delivered:
-    """The destination accepted the whole batch."""
+    """The destination accepted the whole batch (``status``: its HTTP answer, if any)."""
+
+    status: int | None = None
 
 
 @dataclass(frozen=True)
@@ -32,14 +36,25 @@ class GiveUp:
 
     reason: str
     status: int | None = None
-    response_excerpt: str = ""
+    #: The answer's text as read (bounded, not yet scrubbed nor cut: ``sinks.scrub.excerpt`` does both).
+    response_text: str = ""
 
 
 Result = Delivered | RetryAfter | GiveUp
 
 
+@dataclass(frozen=True)
+class Item:
+    """One change as a destination gets it: the record and the identifier value chosen for it."""
+
+    change: Change
+    #: The value the destination's policy picked (possibly hashed); see ``sinks.policy``.
+    identifier: str | list[str]
+    field_change: bool = False
+
+
 class Destination(Protocol):
-    """Where membership changes go. ``write`` is called with one batch at a time per partition."""
+    """Where membership changes go. ``write`` makes one attempt at delivering ``items`` together."""
 
     name: str
 
@@ -47,26 +62,34 @@ class Destination(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def write(self, batch: list[Change]) -> Result: ...
+    async def write(self, items: list[Item], key: str) -> Result:
+        """One delivery attempt of ``items`` under the idempotency key ``key``."""
+        ...
 
 
-def idempotency_key(batch: list[Change]) -> str:
-    """Derived from the batch's change ids only, so a redelivery carries the same key."""
+def idempotency_key(changes: list[Change], namespace: str = "") -> str:
+    """Derived from the changes' ids only, so a redelivery of the same batch carries the same key.
+
+    ``namespace`` separates keys of another kind of sending (a resync) from the stream's.
+    """
     digest = hashlib.blake2b(digest_size=16)
-    for change in batch:
+    if namespace:
+        digest.update(namespace.encode() + b"\x1e")
+    for change in changes:
         digest.update(change["change_id"].encode())
         digest.update(b"\x1f")
     return digest.hexdigest()
 
 
-def lytics_record(change: Change, identifier_field: str) -> dict[str, Any]:
-    """A change in the Lytics default webhook format, the identifier under ``identifier_field``."""
+def lytics_record(item: Item, identifier_field: str) -> dict[str, Any]:
+    """A change in the Lytics default webhook format, its identifier under ``identifier_field``."""
+    change = item.change
     event = "enter" if change["change"] == "entered" else "exit"
     segment_event: dict[str, Any] = {"id": change["audience_id"], "event": event, event: change["event_time"]}
     if change.get("audience_slug"):
         segment_event["slug"] = change["audience_slug"]
     record: dict[str, Any] = {
-        "data": {identifier_field: change["identifier"], "segment_events": [segment_event]},
+        "data": {identifier_field: item.identifier, "segment_events": [segment_event]},
         "meta": {"object": "user", "timestamp": change["event_time"]},
     }
     if change.get("lytics_user_id"):

@@ -3,11 +3,18 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 DELIVERIES = Counter(
-    "relay_sink_deliveries_total", "Batches by destination and outcome", ["destination", "outcome"]
+    "relay_sink_deliveries_total",
+    "Requests by destination and final answer: delivered, dead_lettered (one change refused: it is "
+    "dead-lettered) or split (several refused: the batch is halved)",
+    ["destination", "outcome"],
 )
 RECORDS = Counter(
-    "relay_sink_records_total", "Changes by destination and outcome", ["destination", "outcome"]
+    "relay_sink_records_total",
+    "Changes by destination and outcome: delivered, dead_lettered (refused or unreadable), filtered "
+    "(audience lists), unknown_identifier (dead-lettered: the identifier to send is missing)",
+    ["destination", "outcome"],
 )
+INFLIGHT = Gauge("relay_sink_inflight_requests", "Requests to the destination in flight now", ["destination"])
 RETRIES = Counter("relay_sink_retries_total", "Delivery attempts that will be retried", ["destination"])
 BATCH_SIZE = Histogram(
     "relay_sink_batch_size",

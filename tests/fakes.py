@@ -1,9 +1,17 @@
-"""Fake destinations: real aiohttp servers that record every request and answer as told."""
+"""Fake destinations: real aiohttp servers that record every request and answer as told.
+
+A ``FakeDestination`` accepts any method on any path (so it can also stand for "another origin" a
+redirect points at), answers its queued ``script`` first, then ``decide(body)`` when set, else
+``default``; each answer may be slow (``delay``, or ``latency()`` for every request). It records
+each request when it arrives (``arrivals``) and when it is answered (``requests``), and counts the
+requests being handled at once (``inflight``, ``max_inflight``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +27,8 @@ class Received:
     headers: dict[str, str]
     body: Any
     status: int
+    method: str = "POST"
+    path: str = "/hook"
 
 
 @dataclass
@@ -30,31 +40,53 @@ class Answer:
 
 
 class FakeDestination:
-    """Answers the queued ``Answer``s in order, then ``default``; records everything."""
+    """Answers the queued ``Answer``s in order, then ``decide(body)`` or ``default``; records everything."""
 
     def __init__(self) -> None:
         self.requests: list[Received] = []
+        self.arrivals: list[Received] = []
         self.script: list[Answer] = []
         self.default = Answer()
+        self.decide: Callable[[Any], Answer] | None = None
+        self.latency: Callable[[], float] | None = None
+        self.inflight = 0
+        self.max_inflight = 0
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.origin}/hook"
         self._runner: web.AppRunner | None = None
         self.changed = asyncio.Event()
 
     async def _handle(self, request: web.Request) -> web.Response:
-        answer = self.script.pop(0) if self.script else self.default
-        if answer.delay:
-            await asyncio.sleep(answer.delay)  # the fake plays a slow destination
-        body = orjson.loads(await request.read())
-        self.requests.append(Received(time.monotonic(), dict(request.headers), body, answer.status))
+        raw = await request.read()
+        body = orjson.loads(raw) if raw else None
+        arrived = Received(time.monotonic(), dict(request.headers), body, 0, request.method, request.path)
+        self.arrivals.append(arrived)
+        if self.script:
+            answer = self.script.pop(0)
+        elif self.decide is not None:
+            answer = self.decide(body)
+        else:
+            answer = self.default
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            delay = answer.delay or (self.latency() if self.latency else 0.0)
+            if delay:
+                await asyncio.sleep(delay)  # the fake plays a slow destination
+        finally:
+            self.inflight -= 1
+        self.requests.append(
+            Received(time.monotonic(), arrived.headers, body, answer.status, request.method, request.path)
+        )
         self.changed.set()
         return web.Response(
             status=answer.status, text=answer.body, headers=answer.headers, content_type="application/json"
         )
 
     async def start(self) -> FakeDestination:
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()

@@ -153,7 +153,7 @@ async def test_a_broken_configuration_lists_every_problem(
     ]
     for problem in expected:
         assert f"  - {problem}" in summary, (problem, out)
-    assert out.count("  - ") == len(expected) + 4  # and the other four topics' partition counts
+    assert out.count("  - ") == len(expected) + 5  # and the other five topics' partition counts
     assert f"WARNING  topic {names.raw} has 1 replica(s), below RELAY_REPLICATION_FACTOR=2" in out
     assert f"WARNING  topic {names.raw} has min.insync.replicas=1, below RELAY_MIN_INSYNC_REPLICAS=2" in out
     assert PUSHLY_KEY not in out and ODP_TOKEN not in out

@@ -163,6 +163,9 @@ async def test_no_secret_anywhere_in_the_pipeline(secured_kafka: SecuredBroker, 
         pushly_api_key=PUSHLY_KEY,
         odp_webhook_url=odp.url,
         odp_auth_token=f"Bearer {ODP_TOKEN}",
+        # The bodies carry no Lytics ID (_id), ODP's default identifier: send it the match field, so
+        # ODP is asked and its refusal (echoing the token) is read and scrubbed.
+        odp_identifier_source="email",
         odp_flush_seconds=0.3,
         sink_max_backoff_seconds=0.5,
         table_store="memory",

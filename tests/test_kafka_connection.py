@@ -277,6 +277,7 @@ def test_every_name_comes_from_one_place() -> None:
         membership="acme-processors-membership",
         sinks={n: f"acme.sink.{n}" for n in SINKS},
         replays={n: f"acme.dead-letter-replay.{n}" for n in SINKS},
+        resyncs={n: f"acme.resync.{n}" for n in SINKS},
     )
     assert app_id(s) == names.groups.tables
     assert [group_id(s, n) for n in SINKS] == [names.groups.sink(n) for n in SINKS]
@@ -285,7 +286,7 @@ def test_every_name_comes_from_one_place() -> None:
     assert parts.state_topic(s) == names.topics.partition_moves == "acme.partitions"
     assert {spec.name for spec in topic_specs(s)} == {
         getattr(names.topics, f) for f in ("raw", "segment_events", "dead_letter", "membership_changes")
-    } | {names.topics.membership, names.topics.analytics, names.topics.field_changes}
+    } | {names.topics.membership, names.topics.analytics, names.topics.field_changes, names.topics.deliveries}
 
 
 def test_the_cli_offers_exactly_the_sinks() -> None:

@@ -20,7 +20,9 @@ AUDIENCE = "42976a269a5e6b9d06c681b1c27292df"
 
 async def test_webhook_to_every_destination(kafka_bootstrap: str, tmp_path: Path) -> None:
     pushly, odp = await FakeDestination().start(), await FakeDestination().start()
-    settings = sink_settings(kafka_bootstrap, pushly, odp)
+    # The samples carry no Lytics ID (_id), ODP's default identifier: send it the match field here
+    # (tests/test_sinks.py shows ODP getting the Lytics ID from a change's identifiers).
+    settings = sink_settings(kafka_bootstrap, pushly, odp, odp_identifier_source="email")
     await create_topics(settings)
     topics = TopicNames.from_settings(settings)
     ingress = await start_ingress(settings)

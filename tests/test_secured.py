@@ -257,6 +257,8 @@ async def test_whole_pipeline_over_sasl_ssl_scram_sha_512(secured: SecuredBroker
         pushly_api_key="pushly-secret-key",
         odp_webhook_url=odp.url,
         odp_auth_token="Bearer odp-secret-token",
+        # The samples carry no Lytics ID (_id), ODP's default identifier: send it the match field.
+        odp_identifier_source="email",
         odp_flush_seconds=0.3,
         sink_max_backoff_seconds=0.5,
         ingress_host="127.0.0.1",

@@ -36,6 +36,7 @@ async def test_topics_create_makes_every_topic_with_its_configs(kafka_bootstrap:
         names.membership,
         names.analytics,
         names.field_changes,
+        names.deliveries,
     }
     assert all(r.created and r.partitions == 5 for r in first)
     again = await create_topics(settings)  # idempotent
@@ -46,6 +47,7 @@ async def test_topics_create_makes_every_topic_with_its_configs(kafka_bootstrap:
     assert int(raw["max.message.bytes"]) > settings.max_body_bytes
     assert (await _configs(kafka_bootstrap, names.membership))["cleanup.policy"] == "compact"
     assert (await _configs(kafka_bootstrap, names.field_changes))["cleanup.policy"] == "delete"
+    assert (await _configs(kafka_bootstrap, names.deliveries))["cleanup.policy"] == "compact"
 
 
 def test_cli_topics_create_and_kafka_status(kafka_bootstrap: str) -> None:
