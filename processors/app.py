@@ -30,7 +30,7 @@ from audience_relay.topics import TopicNames, replica_configs
 from processors import flow, operations
 from processors.outbox import BatchProducer, OutputError
 from processors.queries import advertised_url, register_queries
-from processors.stages import MembershipStage, SplitStage
+from processors.stages import DeliveriesFollower, MembershipStage, SplitStage
 from processors.state import StateStore
 
 log = logging.getLogger("processors")
@@ -40,8 +40,9 @@ log = logging.getLogger("processors")
 EXIT_STAGE_FAILED = int(ExitCode.SOFTWARE)
 
 
-def _rocksdb_options(settings: Settings) -> dict[str, int]:
-    per_partition = max(2, settings.table_memory_mb // max(1, settings.partitions)) * 1024 * 1024
+def _rocksdb_options(settings: Settings, share: float = 1.0) -> dict[str, int]:
+    """RocksDB sizes for one table taking ``share`` of ``RELAY_TABLE_MEMORY_MB``, split over partitions."""
+    per_partition = max(2, int(settings.table_memory_mb * share) // max(1, settings.partitions)) * 1024 * 1024
     return {
         "write_buffer_size": per_partition // 4,
         "max_write_buffer_number": 2,
@@ -59,14 +60,16 @@ def app_id(settings: Settings) -> str:
 class Processors:
     """What one worker runs besides faust: the producer, the two stages and their consumers."""
 
-    def __init__(self, settings: Settings, app: faust.App, table: Any) -> None:
+    def __init__(self, settings: Settings, app: faust.App, table: Any, deliveries: Any) -> None:
         self.settings = settings
         self.app = app
         self.store = StateStore(table, settings.partitions)
+        self.deliveries_store = StateStore(deliveries, settings.partitions)
         self.changelog_topic = TopicNames.from_settings(settings).membership
         #: The stages, made when the worker starts (aiokafka clients need the running loop).
         self.split: SplitStage | None = None
         self.membership: MembershipStage | None = None
+        self.deliveries: DeliveriesFollower | None = None
         self._clients: list[Any] = []
         self._pending: frozenset[int] | None = None
         self._stop = asyncio.Event()
@@ -101,8 +104,10 @@ class Processors:
             group_id=groups.membership,
             auto_offset_reset="earliest",
         )
-        self._clients = [producer, split_consumer, membership_consumer]
+        deliveries_consumer = kafka.consumer(settings, client_id="audience-relay-deliveries")
+        self._clients = [producer, split_consumer, membership_consumer, deliveries_consumer]
         batches = BatchProducer(producer)
+        self.deliveries = DeliveriesFollower(settings, deliveries_consumer, self.deliveries_store)
         return (
             SplitStage(settings, producer, batches, split_consumer),
             MembershipStage(settings, producer, batches, membership_consumer, self.store),
@@ -119,15 +124,23 @@ class Processors:
     async def _on_revoked(self, sender: Any, revoked: Any = None, **_: Any) -> None:
         # faust awaits this before the group moves anything: no batch of ours outlives our ownership.
         self._pending = None
+        if self.deliveries is not None:
+            await self.deliveries.stop_following()
         if self.membership is not None:
             await self.membership.stop_partitions()
 
     async def _on_recovered(self) -> None:
+        # Called once every table's recovery is done (faust recovers them together).
         actives = frozenset(self.assigned_actives())
         if self.membership is None:
             self._pending = actives  # the first recovery ends before the stages start
             return
+        await self._start_partitions(actives)
+
+    async def _start_partitions(self, actives: frozenset[int]) -> None:
+        assert self.membership is not None and self.deliveries is not None
         await self.membership.start_partitions(actives)
+        await self.deliveries.follow(actives)
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -140,7 +153,7 @@ class Processors:
         self.split, self.membership = split, membership
         self._running = asyncio.create_task(self.run(self._stop), name="stages")
         if self._pending is not None:
-            await membership.start_partitions(self._pending)
+            await self._start_partitions(self._pending)
             self._pending = None
 
     async def stop(self) -> None:
@@ -149,6 +162,8 @@ class Processors:
         if self._running is not None:
             await asyncio.wait([self._running], timeout=self.settings.worker_session_timeout_seconds)
         try:
+            if self.deliveries is not None:
+                await self.deliveries.stop_following()
             if self.membership is not None:
                 await self.membership.stop_partitions()
         finally:
@@ -162,9 +177,11 @@ class Processors:
         """Run both stages until ``stop``. A stage that fails stops the process at once (exit 70):
         its batch was not committed, so a restart replays it; a worker that stayed up without its
         stages would look healthy and process nothing."""
-        assert self.split is not None and self.membership is not None
+        assert self.split is not None and self.membership is not None and self.deliveries is not None
         try:
-            await asyncio.gather(self.split.run(stop), self.membership.run(stop))
+            await asyncio.gather(
+                self.split.run(stop), self.membership.run(stop), self.deliveries.loop.run(stop)
+            )
         except OutputError as exc:
             log.critical(
                 "an output write failed; stopping before any offset moves past it", extra={"error": str(exc)}
@@ -256,12 +273,33 @@ def create_app(settings: Settings) -> WorkerApp:
         value_type=bytes,
         help="identifier + audience -> MembershipState (the records of <prefix>.membership)",
         # faust's RocksDB defaults (64 MiB x 3 memtables and a 2 GiB block cache, per partition)
-        # let memory grow with the table; bound them so RSS follows RELAY_TABLE_MEMORY_MB.
-        options=_rocksdb_options(settings),
+        # let memory grow with the table; bound them so RSS follows RELAY_TABLE_MEMORY_MB (three
+        # quarters here, the rest for the deliveries table).
+        options=_rocksdb_options(settings, 0.75),
         # Only used should faust create the topic itself (topics create and the worker normally have).
         extra_topic_configs=replica_configs(settings),
     )
-    processors = app.processors = Processors(settings, app, table)
+    deliveries = app.Table(
+        "deliveries",
+        partitions=settings.partitions,
+        changelog_topic=app.topic(
+            names.deliveries,
+            key_type=bytes,
+            value_type=bytes,
+            partitions=settings.partitions,
+            compacting=True,
+            internal=False,
+            acks=False,
+            allow_empty=True,
+            maxsize=131_072,
+        ),
+        key_type=bytes,
+        value_type=bytes,
+        help="identifier + audience + destination -> the sinks' last DeliveryOutcome",
+        options=_rocksdb_options(settings, 0.25),
+        extra_topic_configs=replica_configs(settings),
+    )
+    processors = app.processors = Processors(settings, app, table, deliveries)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:

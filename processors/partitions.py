@@ -126,6 +126,12 @@ def managed_topics(settings: Settings) -> list[Topic]:
             "compacted, the table's changelog: each key's latest value moves",
             state_identifier,
         ),
+        Topic(
+            names.deliveries,
+            "state",
+            "compacted delivery log (the deliveries table's changelog): each key's latest outcome moves",
+            state_identifier,
+        ),
     ]
 
 
@@ -330,7 +336,13 @@ async def _read_move(settings: Settings, exists: bool) -> dict[str, Any] | None:
 async def read_state(settings: Settings, topics: list[Topic]) -> ClusterState:
     """Partition counts, the consumer groups reading changed topics, and any move on record."""
     names, groups = TopicNames.from_settings(settings), GroupNames.from_settings(settings)
-    keyed = {names.segment_events, names.membership_changes, names.field_changes, names.membership}
+    keyed = {
+        names.segment_events,
+        names.membership_changes,
+        names.field_changes,
+        names.membership,
+        names.deliveries,
+    }
     admin = _admin(settings)
     await admin.start()
     try:

@@ -74,14 +74,29 @@ QUERY_SECONDS = Histogram(
 # --- pure pieces ------------------------------------------------------------------------------
 
 
-def member_view(identifier: str, match_field: str, states: list[dict[str, Any]]) -> dict[str, Any]:
-    """The answer of ``GET /v1/members/{identifier}`` for the stored states of one identifier."""
+#: What ``GET /v1/members/{identifier}`` shows of a destination's last outcome.
+DELIVERY_FIELDS = ("outcome", "change", "change_id", "at", "status", "attempts")
+
+
+def member_view(
+    identifier: str,
+    match_field: str,
+    states: list[dict[str, Any]],
+    deliveries: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The answer of ``GET /v1/members/{identifier}`` for the stored states of one identifier and
+    the sinks' last outcomes for it (``DeliveryOutcome`` records), shown beside each membership."""
+    outcomes: dict[str, dict[str, dict[str, Any]]] = {}
+    for outcome in deliveries or ():
+        shown = {k: outcome.get(k) for k in DELIVERY_FIELDS}
+        outcomes.setdefault(outcome["audience_id"], {})[outcome["destination"]] = shown
     current = [
         {
             "audience_id": state["audience_id"],
             "audience_slug": state["audience_slug"],
             "entered_at": state["entered_at"],
             "updated_at": state["updated_at"],
+            "deliveries": dict(sorted(outcomes.get(state["audience_id"], {}).items())),
         }
         for state in sorted(states, key=lambda st: st["audience_id"])
         if state["member"]
@@ -234,7 +249,11 @@ class QueryService:
                     f"no event for {self.settings.match_field} {identifier!r} has been processed",
                     request_id,
                 )
-            return self._json(member_view(identifier, self.settings.match_field, states))
+            prefix = identifier_prefix(identifier)
+            deliveries = [
+                orjson.loads(value) for _, value in self.processors.deliveries_store.items(partition, prefix)
+            ]
+            return self._json(member_view(identifier, self.settings.match_field, states, deliveries))
 
         return await self._guard("member", request, answer)
 

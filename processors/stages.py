@@ -511,4 +511,51 @@ class MembershipStage:
         log.warning("segment event dead-lettered", extra={"reason_code": code, "reason": reason})
 
 
-__all__ = ["AudienceCounts", "KafkaError", "MembershipStage", "SplitStage", "dead_letter_headers"]
+class DeliveriesFollower:
+    """Keeps the ``deliveries`` table of the active partitions current with ``<prefix>.deliveries``.
+
+    The sinks write that topic (the last outcome per identifier, audience and destination,
+    partitioned by the identifier); it is the changelog of the worker's ``deliveries`` table, so
+    faust recovers a partition when the worker takes it and keeps standby copies. faust does not read
+    an active partition's changelog after recovery — it assumes it is the writer — so this loop
+    follows each active partition from the store's persisted offset, applying records as recovery
+    would. The membership queries read the table beside the memberships.
+    """
+
+    def __init__(self, settings: Settings, consumer: AIOKafkaConsumer, store: StateStore) -> None:
+        self.topic = TopicNames.from_settings(settings).deliveries
+        self.consumer = consumer
+        self.store = store
+        self.timeout = settings.worker_session_timeout_seconds / 2
+        self.loop = PartitionedLoop(consumer, self.handle, name="deliveries", batch_records=5000)
+
+    async def follow(self, partitions: Iterable[int]) -> None:
+        """Start following ``partitions`` from what the local store holds."""
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self.consumer.assign(tps)
+        for tp in tps:
+            persisted = self.store.persisted_offset(tp.partition)
+            if persisted is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, persisted + 1)
+        self.loop.wake()
+
+    async def stop_following(self) -> None:
+        await self.loop.release(list(self.consumer.assignment()), self.timeout)
+        self.consumer.assign([])
+
+    async def handle(self, tp: TopicPartition, records: list[Record]) -> None:
+        writes = [(r.key, r.value) for r in records if r.key is not None]
+        if writes:
+            self.store.apply(tp.partition, writes, records[-1].offset)
+
+
+__all__ = [
+    "AudienceCounts",
+    "DeliveriesFollower",
+    "KafkaError",
+    "MembershipStage",
+    "SplitStage",
+    "dead_letter_headers",
+]

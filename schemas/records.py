@@ -187,7 +187,9 @@ class DeliveryOutcome(_Record):
 
     One record per change and destination (not per batch), keyed ``identifier`` + ``\\x1f`` +
     ``audience_id`` + ``\\x1f`` + ``destination`` (UTF-8), so compaction keeps the last outcome of
-    each user, audience and destination. ``audience_id`` is empty for a field-change event.
+    each user, audience and destination; partitioned by the identifier (``murmur2(identifier) %
+    partitions``), like every identifier-keyed topic. ``audience_id`` is empty for a field-change
+    event.
     """
 
     schema_version: Literal[1] = 1

@@ -33,6 +33,7 @@ import orjson
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from audience_relay import kafka
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from schemas.records import DeliveryOutcome
@@ -411,6 +412,9 @@ class Deliverer:
                 self.topics.deliveries,
                 value=orjson.dumps(record),
                 key=DeliveryOutcome.key(identifier, audience_id, self.name),
+                # The identifier's partition (not the whole key's): the worker holding a user's
+                # memberships holds their delivery outcomes too (GET /v1/members/{identifier}).
+                partition=partition_for(identifier, self.settings.partitions),
             )
         )
 

@@ -52,7 +52,12 @@ def test_state_keys_are_placed_by_their_identifier() -> None:
     names = TopicNames.from_settings(settings)
     # The membership topic is the table's changelog: one topic holds the state.
     assert app.tables["membership"].changelog_topic.get_topic_name() == names.membership
-    assert [t.name for t in parts.managed_topics(settings) if t.role == "state"] == [names.membership]
+    # The state topics: the membership (the table's changelog) and the delivery log (the deliveries
+    # table's changelog, written by the sinks); both placed by the identifier.
+    assert [t.name for t in parts.managed_topics(settings) if t.role == "state"] == [
+        names.membership,
+        names.deliveries,
+    ]
 
 
 def test_collect_moves_keeps_the_latest_live_value_of_keys_that_move() -> None:

@@ -77,3 +77,53 @@ async def test_webhook_to_every_destination(kafka_bootstrap: str, tmp_path: Path
         "com.audience-relay.membership.exited",
     ]
     assert events[1]["data"]["seconds_in_audience"] == 86400.0
+
+
+async def test_the_member_query_shows_what_each_destination_was_sent(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The delivery log, read back beside the membership: Pushly took the change, ODP refused it."""
+    from tests.fakes import Answer
+
+    pushly, odp = await FakeDestination().start(), await FakeDestination().start()
+    odp.default = Answer(400, body='{"error": "bad record"}')
+    settings = sink_settings(kafka_bootstrap, pushly, odp, odp_identifier_source="email")
+    await create_topics(settings)
+    ingress = await start_ingress(settings)
+    worker = start_worker(settings, tmp_path)
+    sinks = [Running(settings, name) for name in ("pushly", "odp")]
+    port = worker.env["RELAY_WORKER_WEB_PORT"]
+    try:
+        await wait_group(settings, 1)
+        async with aiohttp.ClientSession(headers={"X-API-KEY": "key-current"}) as http:
+            enter = (SAMPLES / "default-format-enter.json").read_bytes()
+            async with http.post(ingress.url + "/v1/lytics", data=enter) as resp:
+                assert resp.status == 200
+            answer: dict[str, object] = {}
+
+            async def both_logged() -> bool:
+                nonlocal answer
+                async with http.get(f"http://127.0.0.1:{port}/v1/members/user@example.com") as resp:
+                    if resp.status != 200:
+                        return False
+                    answer = await resp.json()
+                [membership] = answer["audiences"]  # type: ignore[index]
+                return set(membership["deliveries"]) == {"pushly", "odp"}
+
+            await until_async(both_logged, 120, "both destinations' outcomes in the member query")
+    finally:
+        for s in sinks:
+            await s.close()
+        worker.stop()
+        await ingress.runner.cleanup()
+        await pushly.stop()
+        await odp.stop()
+    [membership] = answer["audiences"]  # type: ignore[index]
+    assert membership["audience_id"] == AUDIENCE
+    pushly_outcome, odp_outcome = membership["deliveries"]["pushly"], membership["deliveries"]["odp"]
+    assert (pushly_outcome["outcome"], pushly_outcome["status"], pushly_outcome["change"]) == (
+        "delivered",
+        200,
+        "entered",
+    )
+    assert (odp_outcome["outcome"], odp_outcome["status"]) == ("dead_lettered", 400)

@@ -114,8 +114,23 @@ def test_member_view_lists_current_audiences_only() -> None:
                 "audience_slug": "slug-0",
                 "entered_at": "2026-01-01T00:00:01Z",
                 "updated_at": "2026-01-01T00:00:01Z",
+                "deliveries": {},
             }
         ],
+    }
+    # The sinks' last outcomes go beside the membership they are about, by destination.
+    outcome = {"destination": "odp", "audience_id": "a0", "outcome": "delivered", "change": "entered"}
+    other = {**outcome, "audience_id": "a1", "destination": "pushly"}  # a1 is left: not shown
+    [shown] = member_view("u1", "email", states_of(states, "u1"), [outcome, other])["audiences"]
+    assert shown["deliveries"] == {
+        "odp": {
+            "outcome": "delivered",
+            "change": "entered",
+            "change_id": None,
+            "at": None,
+            "status": None,
+            "attempts": None,
+        }
     }
     gone, _ = fold([_event(2, 0, "enter", 1), _event(2, 0, "exit", 2)])
     assert member_view("u2", "email", states_of(gone, "u2"))["audiences"] == []
