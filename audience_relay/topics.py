@@ -81,9 +81,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # Partitioned by the identifier, so a worker holds the outcomes of the users it holds.
         TopicSpec(names.deliveries, n, {"cleanup.policy": "compact"}),
     ]
-    return [
-        TopicSpec(s.name, s.partitions, {**s.config, **replicas}, s.follows_partitions) for s in specs
-    ]
+    return [TopicSpec(s.name, s.partitions, {**s.config, **replicas}, s.follows_partitions) for s in specs]
 
 
 @dataclass(frozen=True)
