@@ -257,8 +257,9 @@ def test_the_processors_app_connects_through_the_factory(pki: dict[str, Pem], tm
     assert [str(u) for u in app.conf.broker] == ["guardedkafka://127.0.0.1:9092"]
     assert credentials_to_aiokafka_auth(app.conf.broker_credentials)["sasl_plain_password"] == PASSWORD
     assert app.conf.topic_replication_factor == 3
-    [table] = app.tables.values()
-    assert table.extra_topic_configs == {"min.insync.replicas": "2"}
+    assert sorted(app.tables) == ["deliveries", "membership"]
+    for table in app.tables.values():
+        assert table.extra_topic_configs == {"min.insync.replicas": "2"}
 
 
 # --- names, the sink list, the partitioner, topic configs -----------------------------------------------
