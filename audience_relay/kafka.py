@@ -11,10 +11,13 @@ into the client's own arguments; nothing here logs them.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import ssl
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -25,6 +28,8 @@ from faust.types.auth import CredentialsT
 from audience_relay import faustguard, kafkaguard
 from audience_relay.exits import ExitCode, Fatal
 from audience_relay.settings import Settings
+
+log = logging.getLogger("audience_relay.kafka")
 
 #: The client id every client gets unless the caller names its own (shows in broker logs and quotas).
 CLIENT_ID = "audience-relay"
@@ -128,6 +133,28 @@ def consumer(settings: Settings | str, *topics: str, **overrides: Any) -> AIOKaf
     kwargs: dict[str, Any] = {**_OUTAGE_KWARGS, "client_id": CLIENT_ID, "enable_auto_commit": False}
     kwargs.update(overrides)
     return kafkaguard.guard(AIOKafkaConsumer(*topics, **connection_kwargs(s), **kwargs))
+
+
+class Stoppable(Protocol):
+    async def stop(self) -> None: ...
+
+
+async def stop_clients(clients: Iterable[Stoppable], timeout: float) -> None:
+    """Stop each client, each within ``timeout`` seconds; one that fails or hangs does not keep the
+    others (or the process) from stopping.
+
+    Bounded because a consumer's stop can hang forever: aiokafka 0.14's fetch routine suppresses a
+    cancellation that arrives while it settles an unassignment (``contextlib.suppress`` around the
+    await of its fetch tasks), then waits for the next assignment. Its records are uncommitted, so
+    abandoning it loses nothing.
+    """
+    for client in clients:
+        try:
+            await asyncio.wait_for(client.stop(), timeout)
+        except TimeoutError:
+            log.warning("a Kafka client did not stop in time; leaving it", extra={"timeout_seconds": timeout})
+        except Exception:  # e.g. aiokafka stopped mid-join: the others must still close
+            log.warning("a Kafka client did not stop cleanly", exc_info=True)
 
 
 def admin(settings: Settings | str, **overrides: Any) -> AIOKafkaAdminClient:

@@ -162,16 +162,15 @@ class Processors:
         if self._running is not None:
             await asyncio.wait([self._running], timeout=self.settings.worker_session_timeout_seconds)
         try:
+            # The consumers keep their assignment: they are stopped next (see stop_partitions).
             if self.deliveries is not None:
-                await self.deliveries.stop_following()
+                await self.deliveries.stop_following(unassign=False)
             if self.membership is not None:
-                await self.membership.stop_partitions()
+                await self.membership.stop_partitions(unassign=False)
         finally:
-            for client in reversed(self._clients):
-                try:
-                    await client.stop()
-                except Exception:  # e.g. aiokafka stopped mid-join: the others must still close
-                    log.warning("a Kafka client did not stop cleanly", exc_info=True)
+            await kafka.stop_clients(
+                reversed(self._clients), timeout=self.settings.worker_session_timeout_seconds / 2
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run both stages until ``stop``. A stage that fails stops the process at once (exit 70):

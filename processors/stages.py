@@ -328,8 +328,12 @@ class MembershipStage:
 
     # --- assignment, driven by faust's table assignment ------------------------------------------
 
-    async def stop_partitions(self) -> None:
-        """Stop every partition (faust is revoking): finish batches, flush, forget counters."""
+    async def stop_partitions(self, *, unassign: bool = True) -> None:
+        """Stop every partition (faust is revoking): finish batches, flush, forget counters.
+
+        ``unassign=False`` when the consumer is about to be stopped: aiokafka 0.14's fetch routine
+        swallows a cancellation that arrives while it settles an unassignment, so a stop right
+        after ``assign([])`` can wait forever (see ``stop_clients``)."""
         async with self._lock:
             stopped = self.active
             self.active = frozenset()
@@ -337,7 +341,8 @@ class MembershipStage:
                 [TopicPartition(self.names.segment_events, p) for p in stopped],
                 timeout=self.settings.worker_session_timeout_seconds / 2,
             )
-            self.consumer.assign([])
+            if unassign:
+                self.consumer.assign([])
             # Nothing of ours may reach the changelog after the next owner has recovered from it.
             await self.producer.flush()
             self.counts.drop(stopped)
@@ -541,9 +546,11 @@ class DeliveriesFollower:
                 self.consumer.seek(tp, persisted + 1)
         self.loop.wake()
 
-    async def stop_following(self) -> None:
+    async def stop_following(self, *, unassign: bool = True) -> None:
+        """Stop following every partition; ``unassign`` as in ``MembershipStage.stop_partitions``."""
         await self.loop.release(list(self.consumer.assignment()), self.timeout)
-        self.consumer.assign([])
+        if unassign:
+            self.consumer.assign([])
 
     async def handle(self, tp: TopicPartition, records: list[Record]) -> None:
         writes = [(r.key, r.value) for r in records if r.key is not None]

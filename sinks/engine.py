@@ -179,7 +179,7 @@ class SinkEngine:
             # open batches from the last commit that got through).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._commit_now(), self.settings.sink_timeout_seconds)
-            await self._consumer.stop()
+            await kafka.stop_clients([self._consumer], self.settings.sink_timeout_seconds)
             await self._admin.close()
             await self.deliverer.stop()
 
