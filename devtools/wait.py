@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -21,10 +21,15 @@ async def until_async(
     timeout: float = 60.0,
     what: str = "condition",
     interval: float = 0.5,
+    last_seen: Mapping[str, object] | None = None,
 ) -> None:
-    """Like ``until`` for a check that itself does I/O (e.g. asks the broker)."""
+    """Like ``until`` for a check that itself does I/O (e.g. asks the broker).
+
+    ``last_seen``: what the predicate last observed (it fills it in), shown when time runs out.
+    """
     deadline = time.monotonic() + timeout
     while not await predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            seen = f"; last seen: {dict(last_seen)}" if last_seen else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{seen}")
         await asyncio.sleep(interval)

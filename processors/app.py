@@ -150,6 +150,9 @@ class Processors:
         split, membership = self._make_stages()
         for client in self._clients:
             await client.start()
+        membership.hold()
+        assert self.deliveries is not None
+        self.deliveries.hold(self.settings.partitions)
         self.split, self.membership = split, membership
         self._running = asyncio.create_task(self.run(self._stop), name="stages")
         if self._pending is not None:
@@ -162,11 +165,10 @@ class Processors:
         if self._running is not None:
             await asyncio.wait([self._running], timeout=self.settings.worker_session_timeout_seconds)
         try:
-            # The consumers keep their assignment: they are stopped next (see stop_partitions).
             if self.deliveries is not None:
-                await self.deliveries.stop_following(unassign=False)
+                await self.deliveries.stop_following()
             if self.membership is not None:
-                await self.membership.stop_partitions(unassign=False)
+                await self.membership.stop_partitions()
         finally:
             await kafka.stop_clients(
                 reversed(self._clients), timeout=self.settings.worker_session_timeout_seconds / 2

@@ -128,14 +128,41 @@ class PartitionedLoop:
         if self._failure is not None:
             raise self._failure
 
-    # --- revocation -------------------------------------------------------------------------
+    # --- holding, opening and releasing partitions -------------------------------------------
+
+    def hold(self, tps: Iterable[TopicPartition]) -> None:
+        """Assign ``tps`` to the consumer once, all paused; ``open`` and ``release`` then start and
+        stop work on them with pause, resume and seeks, never by changing the assignment.
+
+        A manual assignment that changes while aiokafka 0.14 works is not safe: its group
+        coordinator asserts on an assignment that changed while it looked up the coordinator (the
+        consumer then fails for good: "Unexpected error during coordination"), and its fetch routine
+        swallows a ``stop()``'s cancellation that lands while it settles an unassignment (the stop
+        then waits forever). An assignment made once, before any fetch, meets neither.
+        """
+        tps = list(tps)
+        self.consumer.assign(tps)
+        self.consumer.pause(*tps)  # before the fetch routine runs again: nothing is fetched for them
+
+    def open(self, tps: Iterable[TopicPartition]) -> None:
+        """Start fetching held partitions from where the caller sought them."""
+        tps = list(tps)
+        if tps:
+            self.consumer.resume(*tps)
+        self.wake()
 
     async def release(self, tps: Iterable[TopicPartition], timeout: float) -> None:
-        """Stop work on ``tps``: the batch in progress finishes (bounded by ``timeout``), the rest is dropped.
+        """Stop work on ``tps``: no more is fetched (they are paused while assigned, and aiokafka
+        drops what it had buffered for them), the batch in progress finishes (bounded by
+        ``timeout``), the rest is dropped. A held partition stays paused until ``open``.
 
         Dropped records were not committed: whoever holds the partition next reads them again.
         """
         tps = set(tps)
+        assigned = self.consumer.assignment()
+        paused = [tp for tp in tps if tp in assigned]
+        if paused:
+            self.consumer.pause(*paused)
         self._releasing |= tps
         tasks = [t for tp, t in self._tasks.items() if tp in tps and not t.done()]
         if tasks:
@@ -152,10 +179,7 @@ class PartitionedLoop:
             self._tasks.pop(tp, None)
             self._inbox.pop(tp, None)
             self._buffered.pop(tp, None)
-            if tp in self._paused:
-                self._paused.discard(tp)
-                if tp in self.consumer.assignment():
-                    self.consumer.resume(tp)
+            self._paused.discard(tp)  # paused above, whatever flow control had decided
         self._releasing -= tps
 
     async def close(self, timeout: float) -> None:

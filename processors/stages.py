@@ -328,21 +328,22 @@ class MembershipStage:
 
     # --- assignment, driven by faust's table assignment ------------------------------------------
 
-    async def stop_partitions(self, *, unassign: bool = True) -> None:
-        """Stop every partition (faust is revoking): finish batches, flush, forget counters.
+    def hold(self) -> None:
+        """Take every segment-events partition, paused (see ``PartitionedLoop.hold``); faust's
+        assignment then decides which are worked on."""
+        self.loop.hold(self._tps(range(self.settings.partitions)))
 
-        ``unassign=False`` when the consumer is about to be stopped: aiokafka 0.14's fetch routine
-        swallows a cancellation that arrives while it settles an unassignment, so a stop right
-        after ``assign([])`` can wait forever (see ``stop_clients``)."""
+    def _tps(self, partitions: Iterable[int]) -> list[TopicPartition]:
+        return [TopicPartition(self.names.segment_events, p) for p in sorted(partitions)]
+
+    async def stop_partitions(self) -> None:
+        """Stop every partition (faust is revoking): finish batches, flush, forget counters."""
         async with self._lock:
             stopped = self.active
             self.active = frozenset()
             await self.loop.release(
-                [TopicPartition(self.names.segment_events, p) for p in stopped],
-                timeout=self.settings.worker_session_timeout_seconds / 2,
+                self._tps(stopped), timeout=self.settings.worker_session_timeout_seconds / 2
             )
-            if unassign:
-                self.consumer.assign([])
             # Nothing of ours may reach the changelog after the next owner has recovered from it.
             await self.producer.flush()
             self.counts.drop(stopped)
@@ -363,11 +364,17 @@ class MembershipStage:
             for p in sorted(ready):
                 self.counts.rebuild(p, self.store.items(p))
                 await asyncio.sleep(0)
-            # aiokafka fetches the group's committed offsets of newly assigned partitions in one
-            # request, and starts a partition without one at its beginning (auto_offset_reset).
-            self.consumer.assign([TopicPartition(self.names.segment_events, p) for p in sorted(ready)])
+            # From the group's committed offset, wherever this consumer was before: another worker
+            # may have moved it since. A partition nobody committed starts at its beginning.
+            tps = self._tps(ready)
+            for tp in tps:
+                committed = await self.consumer.committed(tp)
+                if committed is None or committed < 0:
+                    await self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, committed)
             self.active = frozenset(ready)
-            self.loop.wake()
+            self.loop.open(tps)
             log.info(
                 "membership partitions started",
                 extra={"partitions": sorted(ready), "count_seconds": round(time.monotonic() - started, 3)},
@@ -533,24 +540,28 @@ class DeliveriesFollower:
         self.store = store
         self.timeout = settings.worker_session_timeout_seconds / 2
         self.loop = PartitionedLoop(consumer, self.handle, name="deliveries", batch_records=5000)
+        self._followed: list[TopicPartition] = []
+
+    def hold(self, partitions: int) -> None:
+        """Take every partition of the topic, paused (see ``PartitionedLoop.hold``)."""
+        self.loop.hold(TopicPartition(self.topic, p) for p in range(partitions))
 
     async def follow(self, partitions: Iterable[int]) -> None:
         """Start following ``partitions`` from what the local store holds."""
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        self.consumer.assign(tps)
         for tp in tps:
             persisted = self.store.persisted_offset(tp.partition)
             if persisted is None:
                 await self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, persisted + 1)
-        self.loop.wake()
+        self._followed = tps
+        self.loop.open(tps)
 
-    async def stop_following(self, *, unassign: bool = True) -> None:
-        """Stop following every partition; ``unassign`` as in ``MembershipStage.stop_partitions``."""
-        await self.loop.release(list(self.consumer.assignment()), self.timeout)
-        if unassign:
-            self.consumer.assign([])
+    async def stop_following(self) -> None:
+        """Stop following every partition; they stay held, paused."""
+        followed, self._followed = self._followed, []
+        await self.loop.release(followed, self.timeout)
 
     async def handle(self, tp: TopicPartition, records: list[Record]) -> None:
         writes = [(r.key, r.value) for r in records if r.key is not None]

@@ -288,10 +288,19 @@ async def test_no_secret_anywhere_in_the_pipeline(secured_kafka: SecuredBroker, 
             no_id = orjson.dumps({"data": {"segment_events": [{"id": "aud-scan", "event": "enter"}]}})
             assert await call("/v1/lytics", no_id, {"X-API-KEY": API_KEY}) == 200
 
+            seen: dict[str, object] = {}
+
             async def settled() -> bool:
                 dead = [dict(r.headers) for r in await read_topic(settings, topics.dead_letter)]
                 by_sink = {s: sum(1 for h in dead if h.get("sink") == s.encode()) for s in ("pushly", "odp")}
                 analytics = len(await read_topic(settings, topics.analytics))
+                seen.update(
+                    pushly_dead=by_sink["pushly"],
+                    pushly_delivered=len(pushly.delivered()),
+                    odp_dead=by_sink["odp"],
+                    analytics=analytics,
+                    dead_reasons=sorted((h.get("stage"), h.get("reason-code")) for h in dead),
+                )
                 return (
                     by_sink["pushly"] + len(pushly.delivered()) == len(good)
                     and by_sink["odp"] == len(good)
@@ -300,7 +309,7 @@ async def test_no_secret_anywhere_in_the_pipeline(secured_kafka: SecuredBroker, 
                     and sum(1 for h in dead if h.get("reason-code") == b"missing_identifier") == 1
                 )
 
-            await until_async(settled, 120, "deliveries and dead letters to settle")
+            await until_async(settled, 120, "deliveries and dead letters to settle", last_seen=seen)
             for name, p in sink_ports.items():
                 async with http.get(f"http://127.0.0.1:{p}/metrics") as resp:
                     answers.append(await resp.read())
