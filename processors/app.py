@@ -255,21 +255,26 @@ def create_app(settings: Settings) -> WorkerApp:
         web_tables_enabled=False,
         web_router_enabled=False,
     )
-    changelog = app.topic(
-        names.membership,
-        key_type=bytes,
-        value_type=bytes,
-        partitions=settings.partitions,
-        compacting=True,
-        internal=False,
-        acks=False,  # read for recovery and standbys only: never committed as a stream
-        allow_empty=True,  # tombstones
-        maxsize=131_072,
-    )
+
+    def state_topic(name: str) -> Any:
+        # A table's changelog that is also a topic of its own (the membership topic, the delivery
+        # log): faust reads it for recovery and standbys only, never as a stream it commits.
+        return app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            partitions=settings.partitions,
+            compacting=True,
+            internal=False,
+            acks=False,
+            allow_empty=True,  # tombstones
+            maxsize=131_072,
+        )
+
     table = app.Table(
         "membership",
         partitions=settings.partitions,
-        changelog_topic=changelog,
+        changelog_topic=state_topic(names.membership),
         key_type=bytes,
         value_type=bytes,
         help="identifier + audience -> MembershipState (the records of <prefix>.membership)",
@@ -283,17 +288,7 @@ def create_app(settings: Settings) -> WorkerApp:
     deliveries = app.Table(
         "deliveries",
         partitions=settings.partitions,
-        changelog_topic=app.topic(
-            names.deliveries,
-            key_type=bytes,
-            value_type=bytes,
-            partitions=settings.partitions,
-            compacting=True,
-            internal=False,
-            acks=False,
-            allow_empty=True,
-            maxsize=131_072,
-        ),
+        changelog_topic=state_topic(names.deliveries),
         key_type=bytes,
         value_type=bytes,
         help="identifier + audience + destination -> the sinks' last DeliveryOutcome",
