@@ -8,8 +8,8 @@ when it had everything, its changes/s, duplicates and losses.
 Pushly runs at its default batch size (PUSHLY_BATCH_SIZE, 1: one request per change) unless
 ``--pushly-batch`` says otherwise; the figure printed says which. The fake ODP answers each request
 after ``--odp-latency-ms`` (50), like a real one, so the time ODP takes shows what its 20 calls at
-once achieve. Every user carries a Lytics ID (``_id``), which ODP is sent by default; with
-processors that do not yet keep identifiers, pass ``--odp-identifier-source email``.
+once achieve. Every user carries a Lytics ID (``_id``), which the processors keep and ODP is sent
+by default (``--odp-identifier-source`` chooses another field).
 
 With ``--sinks-only`` the changes are written straight into ``membership-changes`` (the records the
 worker would make, identifiers included) and only the sinks run: it measures the sinks themselves;
