@@ -269,7 +269,7 @@ class Settings(LocalSettings):
         "rocksdb", validation_alias=AliasChoices("RELAY_TABLE_STORE", "table_store")
     )
     table_memory_mb: int = Field(
-        128, ge=8, validation_alias=AliasChoices("RELAY_TABLE_MEMORY_MB", "table_memory_mb")
+        96, ge=8, validation_alias=AliasChoices("RELAY_TABLE_MEMORY_MB", "table_memory_mb")
     )
     worker_data_dir: Path = Field(
         Path(".local/worker"), validation_alias=AliasChoices("RELAY_WORKER_DATA_DIR", "worker_data_dir")
