@@ -25,10 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from audience_relay import kafka
 from audience_relay.exits import ExitCode
 from audience_relay.names import GroupNames
+from audience_relay.outbox import BatchProducer, OutputError
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, replica_configs
 from processors import flow, operations
-from processors.outbox import BatchProducer, OutputError
 from processors.queries import advertised_url, register_queries
 from processors.stages import DeliveriesFollower, MembershipStage, SplitStage
 from processors.state import StateStore

@@ -6,7 +6,7 @@
                      └─▶ <prefix>.dead-letter
 
 Both are plain per-partition loops (processors/loop.py) over aiokafka consumers, producing through
-per-partition batches (processors/outbox.py):
+per-partition batches (audience_relay/outbox.py):
 
 - **split** is a regular consumer group (``GroupNames.split``) on the raw topic. For each batch of raw
   bodies it produces one ``SegmentEvents`` record per (body, target partition), the field changes
@@ -44,13 +44,13 @@ from aiokafka import (
 )
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
+from audience_relay.outbox import BatchProducer, Outbox
 from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from processors import metrics
 from processors.loop import PartitionedLoop
 from processors.membership import decide, state_key
-from processors.outbox import BatchProducer, Outbox
 from processors.split import Context, Rejected, Split, split_body
 from processors.state import StateStore
 

@@ -12,6 +12,8 @@ from aiokafka.errors import KafkaError
 from audience_relay import kafka
 from audience_relay.exits import ExitCode, Fatal
 from audience_relay.names import SINKS
+from audience_relay.outbox import BatchProducer, Outbox, OutputError
+from audience_relay.partitioner import partition_for
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks.base import Delivered, Destination, Item, Result, RetryAfter, lytics_record
@@ -118,12 +120,14 @@ class AnalyticsTopic:
         self.topic = TopicNames.from_settings(settings).analytics
         self._source = f"/audience-relay/{settings.topic_prefix}"
         self._producer: AIOKafkaProducer | None = None
+        self._batches: BatchProducer | None = None
 
     async def start(self) -> None:
         self._producer = kafka.producer(
             self._settings, linger_ms=5, client_id="audience-relay-sink-analytics"
         )
         await self._producer.start()
+        self._batches = BatchProducer(self._producer)
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -131,23 +135,26 @@ class AnalyticsTopic:
 
     async def write(self, items: list[Item], key: str) -> Result:
         """Produce every event and wait for the broker's acknowledgement of each."""
-        assert self._producer is not None, "start() first"
+        assert self._producer is not None and self._batches is not None, "start() first"
         try:
-            futures = [
-                await self._producer.send(
+            # Kafka's default partitioning of the key (the analytics topic may keep a partition
+            # count of its own), computed here to produce per-partition batches (outbox.py).
+            partitions = len(await self._producer.partitions_for(self.topic))
+            out = Outbox(self._batches)
+            for i in items:
+                subject = _subject(i.identifier).encode()
+                out.add(
                     self.topic,
-                    key=_subject(i.identifier).encode(),
-                    value=orjson.dumps(cloudevent(i, self._source, self._policy)),
-                    headers=[
+                    partition_for(subject, partitions),
+                    subject,
+                    orjson.dumps(cloudevent(i, self._source, self._policy)),
+                    [
                         ("ce_id", i.change["change_id"].encode()),
                         ("content-type", b"application/cloudevents+json"),
                     ],
                 )
-                for i in items
-            ]
-            for future in futures:
-                await future
-        except KafkaError as exc:
+            await out.flush()
+        except (KafkaError, OutputError) as exc:
             return RetryAfter(f"kafka did not acknowledge: {type(exc).__name__}")
         return Delivered()
 

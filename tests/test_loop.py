@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from audience_relay.outbox import BatchProducer, Outbox, OutputError
 from processors.loop import PartitionedLoop
-from processors.outbox import BatchProducer, Outbox, OutputError
 
 TOPIC = "t"
 

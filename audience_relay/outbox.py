@@ -2,9 +2,10 @@
 
 aiokafka's ``send()`` costs about ten times more CPU per record than appending to a batch (it
 partitions each key in pure Python, queues each record and makes a future per record; measured
-here: 23.6 µs vs 2.4 µs per record). The stages know every record's partition already (an output
-goes to the partition of its input), so they append to per-partition batches through aiokafka's
-public ``create_batch`` / ``send_batch``.
+here: 23.6 µs vs 2.4 µs per record). Whoever produces many records knows or computes each one's
+partition (the processors' outputs go to the partition of their input; the sinks' delivery log to
+the identifier's partition), so they append to per-partition batches through aiokafka's public
+``create_batch`` / ``send_batch``.
 
 ``BatchProducer`` gives each topic-partition one sender task: records submitted for it by any
 stage task are merged, in submission order, into as few batches as fit. Besides saving requests,
@@ -139,13 +140,18 @@ class Outbox:
     def __len__(self) -> int:
         return sum(len(records) for records in self._records.values())
 
+    def submit(self) -> dict[TP, asyncio.Future[int]]:
+        """Hand everything queued to the producer (in order per partition) without waiting; per
+        (topic, partition) a future of the last record's offset (``OutputError`` if refused)."""
+        queued, self._records = self._records, defaultdict(list)
+        return {tp: self._producer.submit(tp[0], tp[1], records) for tp, records in queued.items()}
+
     async def flush(self) -> dict[TP, int]:
         """Send everything queued, wait for the broker; the last record's offset per (topic, partition).
 
         Raises ``OutputError`` when any record was not acknowledged (after the producer's retries).
         """
-        queued, self._records = self._records, defaultdict(list)
-        futures = {tp: self._producer.submit(tp[0], tp[1], records) for tp, records in queued.items()}
+        futures = self.submit()
         results = await asyncio.gather(*futures.values(), return_exceptions=True)
         last: dict[TP, int] = {}
         for tp, result in zip(futures, results, strict=True):
