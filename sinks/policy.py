@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -133,10 +134,20 @@ def export_field_hint(source: str) -> str:
 
 def audience_wanted(policy: Policy, audience_id: str, slug: str | None) -> bool:
     """True when the destination's audience lists let this audience through."""
+    if not policy.include and not policy.exclude:
+        return True  # the default, every audience: no matching per change
+    return _lists_let_through(policy.include, policy.exclude, audience_id, slug)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lists_let_through(
+    include: tuple[str, ...], exclude: tuple[str, ...], audience_id: str, slug: str | None
+) -> bool:
+    # Cached: a job has a handful of audiences, and every change of a backfill asks about them.
     names = [audience_id] + ([slug] if slug else [])
-    if policy.include and not any(fnmatchcase(n, g) for n in names for g in policy.include):
+    if include and not any(fnmatchcase(n, g) for n in names for g in include):
         return False
-    return not any(fnmatchcase(n, g) for n in names for g in policy.exclude)
+    return not any(fnmatchcase(n, g) for n in names for g in exclude)
 
 
 def decide(policy: Policy, change: dict[str, Any], field_change: bool = False) -> Send | Skip:
