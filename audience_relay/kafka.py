@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.codec import has_gzip, has_lz4, has_snappy, has_zstd
 from aiokafka.helpers import create_ssl_context
 from faust.types.auth import CredentialsT
 
@@ -119,9 +120,33 @@ _OUTAGE_KWARGS: dict[str, Any] = {"retry_backoff_ms": kafkaguard.RETRY_BACKOFF_M
 def producer(settings: Settings | str, **overrides: Any) -> AIOKafkaProducer:
     """A producer (not started). Idempotent, so acks=all, unless ``overrides`` say otherwise."""
     s = as_settings(settings)
-    kwargs: dict[str, Any] = {**_OUTAGE_KWARGS, "client_id": CLIENT_ID, "enable_idempotence": True}
+    kwargs: dict[str, Any] = {
+        **_OUTAGE_KWARGS,
+        "client_id": CLIENT_ID,
+        "enable_idempotence": True,
+        "compression_type": compression_type(s),
+    }
     kwargs.update(overrides)
     return kafkaguard.guard(AIOKafkaProducer(**connection_kwargs(s), **kwargs))
+
+
+def compression_type(settings: Settings) -> str | None:
+    """The producers' ``compression_type`` (None: uncompressed), once its codec is known to load.
+
+    aiokafka finds lz4, snappy and zstd in ``cramjam`` (installed with the relay); without it a
+    producer fails only at its first send, so a missing codec is refused here, at construction.
+    """
+    codec = settings.kafka_compression
+    if codec == "none":
+        return None
+    available = {"gzip": has_gzip, "snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}[codec]
+    if not available():
+        raise Fatal(
+            f"RELAY_KAFKA_COMPRESSION={codec}: its codec is not installed (pip install cramjam), "
+            "or set RELAY_KAFKA_COMPRESSION=none",
+            ExitCode.CONFIG,
+        )
+    return codec
 
 
 def consumer(settings: Settings | str, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
@@ -184,9 +209,10 @@ def faust_credentials(settings: Settings) -> CredentialsT | None:
 
 def faust_broker_settings(settings: Settings, scheme: str = faustguard.SCHEME) -> dict[str, Any]:
     """The ``faust.App`` arguments for the brokers: ``broker`` (one ``scheme://host:port`` URL per
-    bootstrap server) and ``broker_credentials``. ``scheme`` picks faust's transport: by default
+    bootstrap server), ``broker_credentials`` and the producer's compression. ``scheme`` picks faust's transport: by default
     faust's aiokafka one with guarded clients (``audience_relay/faustguard.py``)."""
     return {
         "broker": [f"{scheme}://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
         "broker_credentials": faust_credentials(settings),
+        "producer_compression_type": compression_type(settings),
     }

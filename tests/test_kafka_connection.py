@@ -523,3 +523,37 @@ def test_commands_that_need_no_settings_do_not_load_them(
         "error: invalid setting: KAFKA_SECURITY_PROTOCOL=SASL_SSL needs KAFKA_SASL_USERNAME and "
         "KAFKA_SASL_PASSWORD"
     ]
+
+
+def test_every_producer_compresses_as_configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """RELAY_KAFKA_COMPRESSION reaches the factory's producers and faust's; lz4 unless told otherwise."""
+    made: list[dict[str, Any]] = []
+
+    class Recorder:
+        def __init__(self, **kwargs: Any) -> None:
+            made.append(kwargs)
+
+    monkeypatch.setattr(kafka, "AIOKafkaProducer", Recorder)
+    monkeypatch.setattr(kafka.kafkaguard, "guard", lambda client: client)
+    kafka.producer(settings())
+    kafka.producer(settings(kafka_compression="none"))
+    kafka.producer(settings(kafka_compression=" ZSTD "))
+    kafka.producer(settings(), compression_type="gzip")  # a caller's own choice wins
+    assert [m["compression_type"] for m in made] == ["lz4", None, "zstd", "gzip"]
+    assert kafka.faust_broker_settings(settings())["producer_compression_type"] == "lz4"
+    from processors.app import create_app
+
+    app = create_app(settings(kafka_compression="snappy", worker_data_dir=tmp_path))
+    assert app.conf.producer_compression_type == "snappy"
+
+
+def test_an_unknown_or_missing_codec_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "'none', 'gzip', 'snappy', 'lz4' or 'zstd'" in problems(kafka_compression="brotli")[0]
+    # Every codec but gzip comes from cramjam; without it the first send would fail, not the start.
+    for codec in ("lz4", "snappy", "zstd"):
+        assert kafka.compression_type(settings(kafka_compression=codec)) == codec
+    monkeypatch.setattr(kafka, "has_lz4", lambda: False)
+    with pytest.raises(Fatal) as err:
+        kafka.producer(settings())
+    assert err.value.code == ExitCode.CONFIG
+    assert "RELAY_KAFKA_COMPRESSION=lz4" in err.value.message and "cramjam" in err.value.message
