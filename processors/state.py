@@ -5,13 +5,15 @@ faust keeps the table: its store (RocksDB, or memory in tests), its changelog (t
 membership stage never writes through faust's table API (``table[key] = value`` writes the store
 first and the changelog later, with no error surfacing to the caller). It writes the changelog
 itself, waits for the broker's acknowledgement, and only then applies the same records to the store
-through the store's changelog interface (``apply_changelog_batch``, what recovery uses), with their
-changelog offsets. So the local store is always a prefix of the changelog: after a crash nothing in
+as recovery would (faust's ``apply_changelog_batch`` for the in-memory store), with the changelog
+offset of the last. So the local store is always a prefix of the changelog: after a crash nothing in
 it needs to be distrusted, and recovery continues from the store's persisted offset.
 
-Reads go to one partition's RocksDB directly. That is the one private name used here
+Reads and writes go to one partition's RocksDB directly. That is the one private name used here
 (``Store._db_for_partition``, fenced: tests/test_faust_contract.py fails when it changes): faust's
-public reads find the partition from the current stream event, and there is no stream here.
+public reads find the partition from the current stream event, and there is no stream here. A write
+is one RocksDB write batch holding the records and the store's persisted offset (under faust's
+``Store.offset_key``, which its recovery reads).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from faust.types import TP
+from rocksdict import WriteBatch
 
 from audience_relay.partitioner import partition_for
 from processors.membership import SEPARATOR
@@ -109,10 +112,26 @@ class StateStore:
         """
         if not writes:
             return
-        first = last_offset - len(writes) + 1
-        topic = self.topic
-        batch = [_Write(topic, partition, first + i, key, value) for i, (key, value) in enumerate(writes)]
-        self.table.apply_changelog_batch(batch)
+        db = self._db(partition)
+        if db is None:
+            first = last_offset - len(writes) + 1
+            topic = self.topic
+            events = [
+                _Write(topic, partition, first + i, key, value) for i, (key, value) in enumerate(writes)
+            ]
+            self.table.apply_changelog_batch(events)
+            return
+        # What faust's RocksDB ``apply_changelog_batch`` does, in one write: the values and the
+        # persisted offset (faust's own key, read back by its recovery) land together or not at all,
+        # and no event object is made per record (the worker applies every delivery-log record too).
+        batch = WriteBatch(raw_mode=True)
+        for key, value in writes:
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        batch.put(self._store.offset_key, str(last_offset).encode())
+        db.write(batch)
 
     def persisted_offset(self, partition: int) -> int | None:
         """The changelog offset of the last record applied to this partition's store (None: none)."""

@@ -4,9 +4,11 @@ The processors use faust for the membership table only (assignment, recovery, st
 move data with plain aiokafka loops. Two places go beyond the public API; each behaviour they rely
 on is checked here, so that upgrading one of these packages fails fast, here, when it changes:
 
-1. ``processors/state.py`` reads a partition's RocksDB through ``Store._db_for_partition`` (faust's
-   public reads find the partition from the current stream event; there is no stream) and writes
-   through the public ``apply_changelog_batch`` with objects shaped like faust's events.
+1. ``processors/state.py`` reads and writes a partition's RocksDB through ``Store._db_for_partition``
+   (faust's public reads find the partition from the current stream event; there is no stream): a
+   write is one raw-mode ``WriteBatch`` of the records and the persisted offset under faust's
+   ``Store.offset_key``, which faust's recovery must read back (the in-memory store goes through the
+   public ``apply_changelog_batch`` with objects shaped like faust's events).
 2. ``processors/flow.py`` overrides mode's ``FlowControlEvent.resume``, which empties the changelog
    queue even while the flow runs (standby copies would get holes).
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from faust.types import TP
 from mode.utils.queues import FlowControlEvent, FlowControlQueue
 
 from processors.app import create_app
@@ -92,7 +95,9 @@ def test_applied_writes_read_back_with_their_changelog_offset(store: str, tmp_pa
     state.apply(partition, writes, last_offset=41)
     assert state.get_many(partition, [k for k, _ in writes]) == [v for _, v in writes]
     if store == "rocksdb":
-        # faust's recovery continues from here after a restart.
+        # faust's recovery continues from here after a restart: its own reading of the offset.
+        faust_store = state.table.data
+        assert faust_store.persisted_offset(TP(state.topic, partition)) == 41
         assert state.persisted_offset(partition) == 41
     ident = writes[0][0].split(b"\x1f")[0].decode()
     assert all(
