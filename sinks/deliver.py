@@ -23,6 +23,7 @@ At most ``concurrency`` requests of one deliverer are in flight at once, whateve
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class DestinationFailing(Exception):
     """The destination kept failing (not refusing) for ``max_attempts`` attempts."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Entry:
     """One record to deliver: its bytes as read (dead-lettered as is) and where it came from."""
 
@@ -122,6 +123,12 @@ class Acks:
 
     log: Outbox
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
+    #: The log records' ``at`` (ISO 8601, UTC): one batch's outcomes are decided together.
+    at: str = ""
+
+    def stamp(self) -> None:
+        """Take the current time as the ``at`` of the outcomes logged from now on."""
+        self.at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
     def hand_over(self) -> None:
         """Give the collected log records to the producer (in order per partition); no waiting."""
@@ -131,6 +138,13 @@ class Acks:
         self.hand_over()
         for future in self.futures:
             await future
+
+
+@functools.lru_cache(maxsize=65536)
+def _partition_of(identifier: str, partitions: int) -> int:
+    # Cached: a user's changes (one per audience) come together, and murmur2 in Python is the
+    # costliest part of a log record.
+    return partition_for(identifier, partitions)
 
 
 def _decode(value: bytes | None) -> dict[str, Any] | None:
@@ -224,7 +238,9 @@ class Deliverer:
                 await self._dead_letter(acks, entry, "unknown_identifier", decision.reason)
             self._log(acks, change, entry.field_change, decision.outcome, reason=decision.reason)
         if sendable:
-            for verdict in await self._isolate(sendable):
+            verdicts = await self._isolate(sendable)
+            acks.stamp()
+            for verdict in verdicts:
                 await self._conclude(acks, verdict, tally)
         for outcome in ("delivered", "dead_lettered", "filtered", "unknown_identifier"):
             count = getattr(tally, outcome)
@@ -236,7 +252,9 @@ class Deliverer:
 
     def _acks(self) -> Acks:
         assert self._batches is not None, "start() first"
-        return Acks(Outbox(self._batches))
+        acks = Acks(Outbox(self._batches))
+        acks.stamp()
+        return acks
 
     async def _isolate(self, batch: list[_Pending]) -> list[_Verdict]:
         """Send ``batch``; when it is refused, find the refused records by halving it."""
@@ -419,7 +437,7 @@ class Deliverer:
             "event_time": change.get("event_time"),
             "outcome": outcome,
             "origin": self.origin,
-            "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "at": acks.at,
             "status": status,
             "attempts": attempts,
             "idempotency_key": key,
@@ -430,7 +448,7 @@ class Deliverer:
         # holds their delivery outcomes too (GET /v1/members/{identifier}).
         acks.log.add(
             self.topics.deliveries,
-            partition_for(identifier, self.settings.partitions),
+            _partition_of(identifier, self.settings.partitions),
             DeliveryOutcome.key(identifier, audience_id, self.name),
             orjson.dumps(record),
         )
