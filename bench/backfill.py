@@ -32,9 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 from aiohttp import web
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from audience_relay.kafkautil import produce_all, topic_size
+from audience_relay import kafka
+from audience_relay.kafkautil import partition_count, produce_all
 from audience_relay.names import SINKS
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames, create_topics
@@ -162,6 +165,44 @@ async def preload_changes(settings: Settings, users: int, audiences: int) -> Non
         await produce_all(settings, topic, chunk)
 
 
+class TopicSizes:
+    """Records held by topics, through one consumer kept open: the progress check runs every second,
+    and a client made per check would cost the broker (and the run measured) more than the check."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self._consumer: AIOKafkaConsumer | None = None
+        self._parts: dict[str, list[TopicPartition]] = {}
+
+    async def of(self, topic: str) -> int:
+        if self._consumer is None:
+            self._consumer = kafka.consumer(self.bootstrap)
+            await self._consumer.start()
+        if topic not in self._parts:
+            count = await partition_count(self.bootstrap, topic)
+            self._parts[topic] = [TopicPartition(topic, p) for p in range(count)]
+        parts = self._parts[topic]
+        ends = await self._consumer.end_offsets(parts)
+        starts = await self._consumer.beginning_offsets(parts)
+        return sum(ends[tp] - starts[tp] for tp in parts)
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+def cpu_spent(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds each process has used so far (those still running)."""
+    spent = {}
+    for role, pid in pids.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        spent[role] = times.user + times.system
+    return spent
+
+
 def spawn(settings: Settings, args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "audience_relay.cli", *args],
@@ -205,7 +246,7 @@ async def main() -> None:
     pushly, odp = Receiver("pushly"), Receiver("odp", args.odp_latency_ms / 1000)
     await pushly.start()
     await odp.start()
-    with broker() as (bootstrap, _):
+    with broker() as (bootstrap, broker_pid):
         settings = bench_settings(
             bootstrap,
             partitions=args.partitions,
@@ -221,6 +262,9 @@ async def main() -> None:
         await create_topics(settings)
         work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
         procs: list[subprocess.Popen[bytes]] = []
+        sizes = TopicSizes(bootstrap)
+        roles: list[str] = []
+        cpu: dict[str, float] = {}
         ingress: IngressProcess | None = None
         bodies: list[bytes] = []
         posting: asyncio.Task[dict[int, int]] | None = None
@@ -235,6 +279,7 @@ async def main() -> None:
                 await preload_changes(settings, args.users, args.audiences)
                 print(f"  {expected:,} changes written in {time.monotonic() - loading:.1f} s", flush=True)
             else:
+                roles.append("worker")
                 procs.append(
                     spawn(
                         settings,
@@ -246,6 +291,7 @@ async def main() -> None:
                 )
                 ingress = IngressProcess(bootstrap, settings.topic_prefix, KEY)
                 bodies = batches(args.users, args.audiences, args.batch)
+            roles += [f"sink {s}" for s in chosen]
             procs += [
                 spawn(settings, ["sink", s], work / f"sink-{s}.log", RELAY_SINK_WEB_PORT=str(free_port()))
                 for s in chosen
@@ -266,6 +312,13 @@ async def main() -> None:
                 f"{settings.odp_identifier_source}; logs in {work}",
                 flush=True,
             )
+            watched = {
+                **dict(zip(roles, (p.pid for p in procs), strict=True)),
+                **({"ingress": ingress.proc.pid} if ingress else {}),
+                **({"broker": broker_pid} if broker_pid else {}),
+                "bench (posting, fake destinations)": os.getpid(),
+            }
+            cpu_before = cpu_spent(watched)
             started = time.monotonic()
             posting = asyncio.create_task(post_all(ingress.port, bodies, args.clients)) if ingress else None
             while True:
@@ -278,9 +331,9 @@ async def main() -> None:
                     print(
                         f"  all bodies stored after {posted_at:.1f} s; answers {posting.result()}", flush=True
                     )
-                analytics = await topic_size(bootstrap, names.analytics)
+                analytics = await sizes.of(names.analytics)
                 elapsed = time.monotonic() - started
-                changes = await topic_size(bootstrap, names.membership_changes)
+                changes = await sizes.of(names.membership_changes)
                 if tick % 5 == 0:
                     print(
                         f"  {elapsed:6.1f} s  changes {changes:>9,}  "
@@ -301,7 +354,9 @@ async def main() -> None:
                     print("  timed out", flush=True)
                     break
             drained = time.monotonic() - started
+            cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_spent(watched).items()}
         finally:
+            await sizes.close()
             if ingress is not None:
                 ingress.stop()
             for p in procs:
@@ -312,6 +367,12 @@ async def main() -> None:
             f"drained {expected:,} memberships in {drained:.1f} s: {expected / drained:,.0f} memberships/s "
             f"({args.users / drained:,.0f} users/s); bodies stored in {posted_at or float('nan'):.1f} s"
         )
+        if cpu:
+            cores = os.cpu_count() or 1
+            print(
+                f"  CPU seconds in the run ({sum(cpu.values()):,.0f} of {drained * cores:,.0f} on {cores} "
+                "cores): " + ", ".join(f"{k} {v:,.1f}" for k, v in cpu.items())
+            )
         for r in (pushly, odp):
             if r.name not in chosen:
                 continue
