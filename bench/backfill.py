@@ -2,8 +2,8 @@
 
 N users x M audiences are posted as 300-user batches by 20 concurrent clients to the ingress; one
 worker and the three sinks deliver to local fake Pushly/ODP servers and the analytics topic. Shows
-progress, then prints end-to-end memberships/s, time to drain, and per destination its batch size,
-when it had everything, its changes/s, duplicates and losses.
+progress, then prints end-to-end memberships/s, time to drain, the CPU seconds each component used,
+and per destination its batch size, when it had everything, its changes/s, duplicates and losses.
 
 Pushly runs at its default batch size (PUSHLY_BATCH_SIZE, 1: one request per change) unless
 ``--pushly-batch`` says otherwise; the figure printed says which. The fake ODP answers each request
