@@ -209,8 +209,8 @@ def faust_credentials(settings: Settings) -> CredentialsT | None:
 
 def faust_broker_settings(settings: Settings, scheme: str = faustguard.SCHEME) -> dict[str, Any]:
     """The ``faust.App`` arguments for the brokers: ``broker`` (one ``scheme://host:port`` URL per
-    bootstrap server), ``broker_credentials`` and the producer's compression. ``scheme`` picks faust's transport: by default
-    faust's aiokafka one with guarded clients (``audience_relay/faustguard.py``)."""
+    bootstrap server), ``broker_credentials`` and the producer's compression. ``scheme`` picks faust's
+    transport: by default faust's aiokafka one with guarded clients (``audience_relay/faustguard.py``)."""
     return {
         "broker": [f"{scheme}://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
         "broker_credentials": faust_credentials(settings),

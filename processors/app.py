@@ -92,9 +92,9 @@ class Processors:
         )
         session_ms = int(settings.worker_session_timeout_seconds * 1000)
         # Fetch limits count bytes as stored, compressed (RELAY_KAFKA_COMPRESSION), and aiokafka holds
-        # a fetch's batches decompressed: aiokafka's default 1 MiB per partition, 8 partitions and
-        # three consumers cost the worker ~120 MiB more with lz4 than without. A quarter of it holds
-        # about as many records as the default did uncompressed (a larger record still comes whole).
+        # a fetch's batches decompressed: with aiokafka's default 1 MiB per partition, 8 partitions
+        # and three consumers, the worker peaked ~120 MiB higher with lz4 than without. 64 KiB keeps
+        # its peak for 1M memberships under 300 MB (bench/processors.py); a larger record comes whole.
         fetch_limit = {"max_partition_fetch_bytes": FETCH_BYTES_PER_PARTITION}
         split_consumer = kafka.consumer(
             settings,
