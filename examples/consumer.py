@@ -3,7 +3,8 @@
     python examples/consumer.py [--bootstrap HOST:PORT] [--prefix lytics] [--group NAME]
                                 [--until-end] [--list-members] [--schemas DIR]
 
-It needs only aiokafka, orjson and jsonschema, and reads three topics:
+It needs only aiokafka (with its lz4 codec: ``pip install "aiokafka[lz4]"``; the relay compresses its
+records with lz4 by default), orjson and jsonschema, and reads three topics:
 
 - ``<prefix>.membership`` (compacted; key ``identifier`` + ``\\x1f`` + ``audience_id``, value a
   MembershipState) into the current members of every audience. The topic is a table: it is read from
