@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -342,7 +343,8 @@ async def test_a_failed_record_gets_the_ingress_a_new_producer(kafka_bootstrap: 
         await publisher.send(small, b"fits", [])
         first = publisher._producer
         with pytest.raises(BrokerUnavailable):
-            await publisher.send(small, b"x" * 5000, [])  # the broker refuses it: too large
+            # The broker refuses it, too large even compressed (random bytes do not shrink).
+            await publisher.send(small, os.urandom(5000), [])
         assert not publisher.reachable
         with pytest.raises(BrokerUnavailable, match="unreachable"):
             await publisher.send(small, b"refused at once", [])
