@@ -12,6 +12,7 @@ fast as aiokafka's byte-by-byte loop — the split hashes every identifier of ev
 
 from __future__ import annotations
 
+import functools
 import struct
 
 _SEED = 0x9747B28C
@@ -55,3 +56,11 @@ def partition_for(key: bytes | str, partitions: int) -> int:
     """
     raw = key.encode() if isinstance(key, str) else key
     return (murmur2(raw) & 0x7FFFFFFF) % partitions
+
+
+@functools.lru_cache(maxsize=65536)
+def identifier_partition(identifier: str, partitions: int) -> int:
+    """``partition_for`` of an identifier, remembered: the sinks place a record per change (delivery
+    log, analytics), a user's changes (one per audience) come together, and murmur2 in Python is
+    the costliest part of such a record."""
+    return partition_for(identifier, partitions)

@@ -23,7 +23,6 @@ At most ``concurrency`` requests of one deliverer are in flight at once, whateve
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from audience_relay import kafka
 from audience_relay.outbox import BatchProducer, Outbox
-from audience_relay.partitioner import partition_for
+from audience_relay.partitioner import identifier_partition
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from schemas.records import DeliveryOutcome
@@ -138,13 +137,6 @@ class Acks:
         self.hand_over()
         for future in self.futures:
             await future
-
-
-@functools.lru_cache(maxsize=65536)
-def _partition_of(identifier: str, partitions: int) -> int:
-    # Cached: a user's changes (one per audience) come together, and murmur2 in Python is the
-    # costliest part of a log record.
-    return partition_for(identifier, partitions)
 
 
 def _decode(value: bytes | None) -> dict[str, Any] | None:
@@ -448,7 +440,7 @@ class Deliverer:
         # holds their delivery outcomes too (GET /v1/members/{identifier}).
         acks.log.add(
             self.topics.deliveries,
-            _partition_of(identifier, self.settings.partitions),
+            identifier_partition(identifier, self.settings.partitions),
             DeliveryOutcome.key(identifier, audience_id, self.name),
             orjson.dumps(record),
         )

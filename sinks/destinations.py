@@ -13,7 +13,7 @@ from audience_relay import kafka
 from audience_relay.exits import ExitCode, Fatal
 from audience_relay.names import SINKS
 from audience_relay.outbox import BatchProducer, Outbox, OutputError
-from audience_relay.partitioner import partition_for
+from audience_relay.partitioner import identifier_partition
 from audience_relay.settings import Settings
 from audience_relay.topics import TopicNames
 from sinks.base import Delivered, Destination, Item, Result, RetryAfter, lytics_record
@@ -142,11 +142,11 @@ class AnalyticsTopic:
             partitions = len(await self._producer.partitions_for(self.topic))
             out = Outbox(self._batches)
             for i in items:
-                subject = _subject(i.identifier).encode()
+                subject = _subject(i.identifier)
                 out.add(
                     self.topic,
-                    partition_for(subject, partitions),
-                    subject,
+                    identifier_partition(subject, partitions),
+                    subject.encode(),
                     orjson.dumps(cloudevent(i, self._source, self._policy)),
                     [
                         ("ce_id", i.change["change_id"].encode()),

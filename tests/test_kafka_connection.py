@@ -21,7 +21,7 @@ from audience_relay import cli, kafka, ports
 from audience_relay.check import effective_settings
 from audience_relay.exits import ExitCode, Fatal
 from audience_relay.names import SINK_WEB_PORTS, SINKS, GroupNames, Names, TopicNames
-from audience_relay.partitioner import partition_for
+from audience_relay.partitioner import identifier_partition, partition_for
 from audience_relay.preflight import KafkaRefused, bootstrap_hosts, classify, preflight
 from audience_relay.settings import Settings
 from audience_relay.topics import topic_specs
@@ -310,6 +310,8 @@ def test_one_partitioner_for_text_and_bytes() -> None:
         for key in ("user@example.com", "ünïcode@example.com", ""):
             expected = default(key.encode(), list(range(n)), list(range(n)))
             assert partition_for(key, n) == partition_for(key.encode(), n) == expected
+            assert identifier_partition(key, n) == expected  # the sinks' cached form, asked twice
+            assert identifier_partition(key, n) == expected
     assert queries.partition_for is parts.partition_for is partition_for
 
 
